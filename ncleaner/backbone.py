@@ -1,0 +1,69 @@
+"""The open_clip backbone: building it, preprocessing for it, encoding with it.
+
+Every open_clip model name works. ``pretrained`` is an open_clip tag (fetched by
+open_clip where the machine can reach its hub) or a local checkpoint file. The
+package also registers ``ncleaner-tiny``: a small ResNet image tower and a small
+text transformer at 64 px, trained from scratch. It exists so that the demo and
+the tests run offline on a CPU; it is not a substitute for a real backbone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import open_clip
+import torch
+import torch.nn.functional as F
+
+from .errors import NcleanerError
+
+TINY_BACKBONE = "ncleaner-tiny"
+open_clip.add_model_config(Path(__file__).parent / "model_configs")
+
+
+@dataclass
+class Backbone:
+    """An open_clip model with the image transform and tokenizer that belong to it."""
+
+    model: torch.nn.Module
+    preprocess: object
+    tokenizer: object
+    embed_dim: int
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        """F_V: raw (unnormalised) image features."""
+        return self.model.encode_image(images)
+
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        """F_T: raw (unnormalised) text features."""
+        return self.model.encode_text(tokens)
+
+
+def build_backbone(name: str, pretrained: str | None, device: str | torch.device = "cpu") -> Backbone:
+    """Create the open_clip model ``name`` with weights from ``pretrained`` (tag or path) or random."""
+    if name not in open_clip.list_models() and not name.startswith(("hf-hub:", "local-dir:")):
+        raise NcleanerError(f"{name}: not an open_clip model name (see open_clip.list_models())")
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained or None, device=device)
+    except Exception as exc:  # open_clip raises RuntimeError, OSError, hub errors...
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise NcleanerError(f"{name} ({pretrained or 'random init'}): cannot load backbone: {reason}") from exc
+    tokenizer = open_clip.get_tokenizer(name)
+    embed_dim = _embed_dim(model)
+    return Backbone(model=model, preprocess=preprocess, tokenizer=tokenizer, embed_dim=embed_dim)
+
+
+def _embed_dim(model: torch.nn.Module) -> int:
+    with torch.no_grad():
+        out = model.encode_text(torch.zeros(1, _context_length(model), dtype=torch.long))
+    return int(out.shape[-1])
+
+
+def _context_length(model: torch.nn.Module) -> int:
+    return int(getattr(model, "context_length", 77))
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Row-wise cosine similarity of two [N, D] tensors."""
+    return (F.normalize(a, dim=-1) * F.normalize(b, dim=-1)).sum(-1)

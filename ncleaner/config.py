@@ -1,0 +1,87 @@
+"""The one configuration dataclass, saved as ``config.json`` beside every model."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import __version__
+from .backbone import TINY_BACKBONE
+
+TRAIN_BACKBONE_CHOICES = ("auto", "none", "all")
+
+
+@dataclass
+class DisNCLConfig:
+    """Everything that defines a fitted ncleaner model besides its weights.
+
+    The paper's body (arXiv 2408.05503) gives no defaults we could reach; the
+    values here were tuned on the package's synthetic data (``ncleaner.synthetic``)
+    and are recorded so a model can be rebuilt exactly.
+    """
+
+    # Backbone (DESIGN.md section 1).
+    backbone: str = TINY_BACKBONE
+    pretrained: str | None = None
+    train_backbone: str = "auto"  # "none": frozen, features cached; "all": trained with the heads
+    embed_dim: int = 0  # filled from the backbone at fit time
+
+    # DisNCL heads (section 2). The MII subspace has the backbone's width so that the
+    # MII head can start as the identity (see heads.ResidualHead).
+    mei_dim: int = 64
+    hidden_dim: int = 256
+
+    # Alignment in the MII subspace with soft many-to-many targets.
+    tau: float = 0.05
+    target_tau: float = 0.05
+    identity_mix: float = 0.5
+
+    # Loss weights: L = L_align + lambda_dis * L_Dis + lambda_reg * L_reg.
+    lambda_dis: float = 0.1
+    lambda_adv: float = 1.0
+    lambda_reg: float = 0.1
+
+    # Optimisation.
+    epochs: int = 12
+    warmup_epochs: int = 3
+    batch_size: int = 128
+    lr: float = 1e-3
+    backbone_lr: float = 1e-3
+    weight_decay: float = 0.05
+    critic_lr: float = 1e-3
+    seed: int = 0
+
+    # Scoring (section 3).
+    bank_size: int = 1024
+    calibration_points: int = 1001
+
+    version: str = __version__
+
+    def resolved_train_backbone(self) -> str:
+        """A pretrained backbone stays frozen; a randomly initialised one must train."""
+        if self.train_backbone == "auto":
+            return "none" if self.pretrained else "all"
+        return self.train_backbone
+
+    def validate(self) -> None:
+        if self.train_backbone not in TRAIN_BACKBONE_CHOICES:
+            raise ValueError(f"train_backbone must be one of {TRAIN_BACKBONE_CHOICES}")
+        if self.resolved_train_backbone() == "none" and not self.pretrained:
+            raise ValueError("a frozen backbone needs pretrained weights (--pretrained)")
+        if not 0 <= self.warmup_epochs <= self.epochs or self.epochs < 1:
+            raise ValueError("need epochs >= 1 and 0 <= warmup_epochs <= epochs")
+        if self.batch_size < 2:
+            raise ValueError("batch_size must be at least 2 (contrastive batches need negatives)")
+        if not 0.0 <= self.identity_mix <= 1.0:
+            raise ValueError("identity_mix must be in [0, 1]")
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> DisNCLConfig:
+        data = json.loads(Path(path).read_text())
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})

@@ -1,0 +1,270 @@
+"""``fit``: train a DisNCL model on the user's own shards (no clean labels).
+
+Two regimes (DESIGN.md section 1): a pretrained backbone stays frozen, its
+features are encoded once and only the heads train; a randomly initialised
+backbone trains together with the heads. Its only objective is DisNCL's: the
+MII heads are residual (``heads.ResidualHead``), so aligning the MII subspace
+also aligns the backbone's own space and ``clip_sim`` stays meaningful.
+
+Each epoch after the warm-up fits a two-component mixture to the MII
+similarity of every training pair; the clean posterior is that pair's weight
+in the alignment loss and in its soft targets.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from . import losses
+from .config import DisNCLConfig
+from .decode import batched, decode_stream
+from .errors import NcleanerError
+from .heads import DisNCLCritics
+from .mixture import TwoComponentMixture
+from .model import Calibration, NcleanerModel, soft_agreement
+from .shards import expand_shards, read_shard
+
+
+@dataclass
+class TrainingSet:
+    """What fit keeps in memory: per ok pair, either cached features or decoded inputs."""
+
+    statuses: Counter = field(default_factory=Counter)
+    f_v: torch.Tensor | None = None  # frozen backbone: cached features
+    f_t: torch.Tensor | None = None
+    images: torch.Tensor | None = None  # trained backbone: decoded inputs
+    tokens: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return len(self.f_v if self.f_v is not None else self.images)
+
+
+@dataclass
+class FitResult:
+    model_dir: Path
+    model_id: str
+    pairs_read: int
+    pairs_used: int
+    statuses: dict[str, int]
+    history: list[dict]
+
+
+def prepare_output_dir(out_dir: str | Path, force: bool) -> Path:
+    """Refuse to overwrite a non-empty directory unless ``force``."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise NcleanerError(f"{out}: exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()):
+        if not force:
+            raise NcleanerError(f"{out}: directory is not empty (use --force to overwrite)")
+        shutil.rmtree(out)
+    return out
+
+
+def load_training_set(urls: list[str], model: NcleanerModel, batch_size: int, progress: bool) -> TrainingSet:
+    """Read and decode every shard once; cache features (frozen) or inputs (trained backbone)."""
+    data = TrainingSet()
+    feats_v, feats_t, images, tokens = [], [], [], []
+    pairs = decode_stream((raw for url in urls for raw in read_shard(url)), model.backbone.preprocess)
+    bar = tqdm(desc="encoding" if not model.trains_backbone else "decoding", unit="pair", disable=not progress)
+    for block in batched(pairs, batch_size):
+        data.statuses.update(p.status for p in block)
+        bar.update(len(block))
+        ok = [p for p in block if p.ok]
+        if not ok:
+            continue
+        x = torch.stack([p.image for p in ok])
+        t = model.tokenize([p.caption for p in ok])
+        if model.trains_backbone:
+            images.append(x)
+            tokens.append(t)
+        else:
+            f_v, f_t = model.encode(x, t)
+            feats_v.append(f_v.float().cpu())
+            feats_t.append(f_t.float().cpu())
+    bar.close()
+    if model.trains_backbone:
+        if images:
+            data.images, data.tokens = torch.cat(images), torch.cat(tokens)
+    elif feats_v:
+        data.f_v, data.f_t = torch.cat(feats_v), torch.cat(feats_t)
+    return data
+
+
+def fit(
+    shards: str | Iterable[str],
+    out_dir: str | Path,
+    config: DisNCLConfig | None = None,
+    device: str = "cpu",
+    force: bool = False,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> FitResult:
+    """Train a DisNCL model on ``shards`` and save it to ``out_dir``."""
+    config = config or DisNCLConfig()
+    try:
+        config.validate()
+    except ValueError as exc:
+        raise NcleanerError(f"invalid configuration: {exc}") from exc
+    urls = expand_shards(shards)
+    out = prepare_output_dir(out_dir, force)
+    torch.manual_seed(config.seed)
+    rng = np.random.default_rng(config.seed)
+
+    model = NcleanerModel.create(config, device)
+    data = load_training_set(urls, model, config.batch_size, progress)
+    n = 0 if data.statuses.get("ok", 0) == 0 else len(data)
+    if n < 2 * 2:
+        raise NcleanerError(f"{urls[0]}{' ...' if len(urls) > 1 else ''}: only {n} usable pairs; need at least 4")
+    bad = {k: v for k, v in data.statuses.items() if k != "ok"}
+    if bad:
+        log("not used for training: " + ", ".join(f"{v} {k}" for k, v in sorted(bad.items())))
+
+    critics = DisNCLCritics(config.embed_dim, config.mei_dim, config.hidden_dim).to(device)
+    params = [{"params": model.heads.parameters(), "lr": config.lr}]
+    if model.trains_backbone:
+        params.append({"params": model.clip.parameters(), "lr": config.backbone_lr})
+    optimizer = torch.optim.AdamW(params, weight_decay=config.weight_decay)
+    critic_optimizer = torch.optim.AdamW(critics.parameters(), lr=config.critic_lr)
+    steps_per_epoch = max(1, n // config.batch_size)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer,
+        max_lr=[g["lr"] for g in params],
+        total_steps=config.epochs * steps_per_epoch,
+        pct_start=min(0.3, 1.0 / config.epochs),
+    )
+
+    weights = torch.ones(n)
+    history = []
+    for epoch in range(config.epochs):
+        if epoch >= config.warmup_epochs and epoch > 0:
+            mii = _mii_similarity(model, data, config.batch_size)
+            mixture = TwoComponentMixture.fit(mii, seed=config.seed)
+            weights = torch.from_numpy(mixture.clean_posterior(mii)).float()
+        stats = _train_epoch(model, critics, data, weights, optimizer, critic_optimizer, schedule, rng, epoch, progress)
+        stats.update(epoch=epoch + 1, mean_weight=float(weights.mean()), flagged=float((weights < 0.5).float().mean()))
+        history.append(stats)
+        log(
+            f"epoch {epoch + 1}/{config.epochs}: loss {stats['loss']:.4f} "
+            f"(align {stats['align']:.4f}, dis {stats['dis']:.4f}, reg {stats['reg']:.4f}"
+            + f"), pairs weighted as noisy {stats['flagged']:.1%}"
+        )
+
+    _finalise(model, data, config, rng)
+    mid = model.save(out)
+    return FitResult(
+        model_dir=out,
+        model_id=mid,
+        pairs_read=sum(data.statuses.values()),
+        pairs_used=n,
+        statuses=dict(data.statuses),
+        history=history,
+    )
+
+
+def _features(model: NcleanerModel, data: TrainingSet, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    device = model.bank_v.device
+    if data.f_v is not None:
+        return data.f_v[idx].to(device), data.f_t[idx].to(device)
+    return (
+        model.backbone.encode_image(data.images[idx].to(device)),
+        model.backbone.encode_text(data.tokens[idx].to(device)),
+    )
+
+
+@torch.no_grad()
+def _all_mii(model: NcleanerModel, data: TrainingSet, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    model.eval()
+    out_v, out_t = [], []
+    for start in range(0, len(data), batch_size * 4):
+        idx = torch.arange(start, min(start + batch_size * 4, len(data)))
+        v_s, t_s = model.heads.mii(*_features(model, data, idx))
+        out_v.append(v_s.cpu())
+        out_t.append(t_s.cpu())
+    return torch.cat(out_v), torch.cat(out_t)
+
+
+def _mii_similarity(model: NcleanerModel, data: TrainingSet, batch_size: int) -> np.ndarray:
+    v_s, t_s = _all_mii(model, data, batch_size)
+    return losses.mii_similarity(v_s, t_s).numpy()
+
+
+def _train_epoch(model, critics, data, weights, optimizer, critic_optimizer, schedule, rng, epoch, progress):
+    config = model.config
+    model.train()
+    if not model.trains_backbone:
+        model.clip.eval()
+    n = len(data)
+    order = torch.from_numpy(rng.permutation(n))
+    batches = [order[i : i + config.batch_size] for i in range(0, n, config.batch_size)]
+    if len(batches) > 1 and len(batches[-1]) < config.batch_size:
+        batches[-2] = torch.cat([batches[-2], batches.pop()])  # no tiny last batch: it has too few negatives
+    totals = Counter()
+    device = model.bank_v.device
+    for idx in tqdm(batches, desc=f"epoch {epoch + 1}", unit="batch", disable=not progress, leave=False):
+        f_v, f_t = _features(model, data, idx)
+        split = model.heads(f_v, f_t)
+        w = weights[idx].to(device)
+
+        # Estimators first, on detached outputs: vCLUB's q(x|s) by likelihood, the
+        # discriminators by matching (alternating updates, DESIGN.md section 2).
+        critic_loss = (
+            -losses.gaussian_log_likelihood(critics.club_image, split.v_s.detach(), split.v_x.detach())
+            - losses.gaussian_log_likelihood(critics.club_text, split.t_s.detach(), split.t_x.detach())
+            + losses.matching_loss(critics.disc_image_mei(split.v_x.detach(), split.t_s.detach()))
+            + losses.matching_loss(critics.disc_text_mei(split.t_x.detach(), split.v_s.detach()))
+        )
+        critic_optimizer.zero_grad(set_to_none=True)
+        critic_loss.backward()
+        critic_optimizer.step()
+
+        align = losses.soft_alignment_loss(split.v_s, split.t_s, w, config.tau, config.target_tau, config.identity_mix)
+        dis = (
+            losses.vclub_upper_bound(critics.club_image, split.v_s, split.v_x)
+            + losses.vclub_upper_bound(critics.club_text, split.t_s, split.t_x)
+            + config.lambda_adv
+            * (
+                losses.confusion_loss(critics.disc_image_mei(split.v_x, split.t_s.detach()))
+                + losses.confusion_loss(critics.disc_text_mei(split.t_x, split.v_s.detach()))
+            )
+        )
+        rec_v, rec_t = model.heads.reconstruct(split)
+        reg = losses.reconstruction_loss(rec_v, f_v) + losses.reconstruction_loss(rec_t, f_t)
+        loss = align + config.lambda_dis * dis + config.lambda_reg * reg
+        parts = {"align": align.item(), "dis": dis.item(), "reg": reg.item()}
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        totals.update(parts, loss=loss.item())
+    return {k: v / len(batches) for k, v in totals.items()}
+
+
+def _finalise(model: NcleanerModel, data: TrainingSet, config: DisNCLConfig, rng: np.random.Generator) -> None:
+    """Sample the reference bank from pairs judged clean, then calibrate the scores on all training pairs."""
+    v_s, t_s = _all_mii(model, data, config.batch_size)
+    mii = losses.mii_similarity(v_s, t_s).numpy()
+    clean = TwoComponentMixture.fit(mii, seed=config.seed).clean_posterior(mii) >= 0.5
+    pool = np.flatnonzero(clean) if clean.sum() >= 2 else np.argsort(-mii)[: max(2, len(mii) // 2)]
+    chosen = np.sort(rng.choice(pool, size=min(config.bank_size, len(pool)), replace=False))
+    device = model.bank_v.device
+    model.bank_v = v_s[chosen].to(device)
+    model.bank_t = t_s[chosen].to(device)
+    soft = torch.cat(
+        [
+            soft_agreement(
+                v_s[i : i + 1024].to(device), t_s[i : i + 1024].to(device), model.bank_v, model.bank_t, config.tau
+            ).cpu()
+            for i in range(0, len(v_s), 1024)
+        ]
+    ).numpy()
+    model.calibration = Calibration.fit(mii, soft, config.calibration_points, config.seed)
+    model.eval()
