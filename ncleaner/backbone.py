@@ -9,6 +9,8 @@ the tests run offline on a CPU; it is not a substitute for a real backbone.
 
 from __future__ import annotations
 
+import logging
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,9 +18,9 @@ import open_clip
 import torch
 import torch.nn.functional as F
 
+from .config import TINY_BACKBONE  # noqa: F401  (re-exported: the name this module registers)
 from .errors import NcleanerError
 
-TINY_BACKBONE = "ncleaner-tiny"
 open_clip.add_model_config(Path(__file__).parent / "model_configs")
 
 
@@ -45,13 +47,32 @@ def build_backbone(name: str, pretrained: str | None, device: str | torch.device
     if name not in open_clip.list_models() and not name.startswith(("hf-hub:", "local-dir:")):
         raise NcleanerError(f"{name}: not an open_clip model name (see open_clip.list_models())")
     try:
-        model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained or None, device=device)
+        with _quiet_random_init():
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                name, pretrained=pretrained or None, device=device
+            )
     except Exception as exc:  # open_clip raises RuntimeError, OSError, hub errors...
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise NcleanerError(f"{name} ({pretrained or 'random init'}): cannot load backbone: {reason}") from exc
     tokenizer = open_clip.get_tokenizer(name)
     embed_dim = _embed_dim(model)
     return Backbone(model=model, preprocess=preprocess, tokenizer=tokenizer, embed_dim=embed_dim)
+
+
+@contextmanager
+def _quiet_random_init():
+    """open_clip warns on the root logger for every randomly initialised model; without
+    --pretrained that is what was asked for (a trained one's weights are loaded afterwards)."""
+
+    def drop(record: logging.LogRecord) -> bool:
+        return "No pretrained weights loaded" not in record.getMessage()
+
+    root = logging.getLogger()
+    root.addFilter(drop)
+    try:
+        yield
+    finally:
+        root.removeFilter(drop)
 
 
 def _embed_dim(model: torch.nn.Module) -> int:
@@ -62,6 +83,18 @@ def _embed_dim(model: torch.nn.Module) -> int:
 
 def _context_length(model: torch.nn.Module) -> int:
     return int(getattr(model, "context_length", 77))
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when present; asking for CUDA where there is none is an error, not a fallback."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise NcleanerError(f"--device {name}: CUDA is not available on this machine")
+    try:
+        return torch.device(name)
+    except RuntimeError as exc:
+        raise NcleanerError(f"--device {name}: not a torch device") from exc
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -8,8 +8,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import __version__
-from .backbone import TINY_BACKBONE
 
+# A small from-scratch open_clip config registered by ncleaner.backbone, for offline demos and tests.
+TINY_BACKBONE = "ncleaner-tiny"
 TRAIN_BACKBONE_CHOICES = ("auto", "none", "all")
 
 

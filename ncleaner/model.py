@@ -24,10 +24,12 @@ from .config import DisNCLConfig
 from .errors import NcleanerError
 from .heads import DisNCLHeads
 from .mixture import TwoComponentMixture
+from .writer import atomic_write
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 CALIBRATION_FILE = "calibration.json"
+MODEL_FILES = (CONFIG_FILE, WEIGHTS_FILE, CALIBRATION_FILE)
 SCORE_COLUMNS = ("clip_sim", "mii_sim", "soft_agreement", "score", "clean_prob")
 
 
@@ -162,16 +164,19 @@ class NcleanerModel(torch.nn.Module):
         tensors["bank.v"], tensors["bank.t"] = self.bank_v, self.bank_t
         if self.trains_backbone:
             tensors.update({f"backbone.{k}": v for k, v in self.clip.state_dict().items()})
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(out / WEIGHTS_FILE))
-        self.config.save(out / CONFIG_FILE)
-        (out / CALIBRATION_FILE).write_text(json.dumps(self.calibration.to_dict(), indent=1) + "\n")
+        tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+        atomic_write(out / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp))
+        calibration = json.dumps(self.calibration.to_dict(), indent=1) + "\n"
+        atomic_write(out / CALIBRATION_FILE, lambda tmp: Path(tmp).write_text(calibration))
+        # The config goes last: a directory is only loadable once all three files are there.
+        atomic_write(out / CONFIG_FILE, self.config.save)
         return model_id(out)
 
     @classmethod
     def load(cls, model_dir: str | Path, device: str | torch.device = "cpu") -> NcleanerModel:
         """Load a model directory written by ``save`` (one-line error when it is not one)."""
         d = Path(model_dir)
-        missing = [f for f in (CONFIG_FILE, WEIGHTS_FILE, CALIBRATION_FILE) if not (d / f).is_file()]
+        missing = [f for f in MODEL_FILES if not (d / f).is_file()]
         if missing:
             raise NcleanerError(f"{d}: not an ncleaner model directory (missing {', '.join(missing)})")
         try:
@@ -199,6 +204,6 @@ def _prefixed(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.
 def model_id(model_dir: str | Path) -> str:
     """Hash of the model's weights, config and calibration: the report's ``model_id``."""
     h = hashlib.sha256()
-    for name in (CONFIG_FILE, WEIGHTS_FILE, CALIBRATION_FILE):
+    for name in MODEL_FILES:
         h.update((Path(model_dir) / name).read_bytes())
     return h.hexdigest()[:16]

@@ -13,7 +13,6 @@ in the alignment loss and in its soft targets.
 
 from __future__ import annotations
 
-import shutil
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -24,13 +23,15 @@ import torch
 from tqdm.auto import tqdm
 
 from . import losses
+from .backbone import resolve_device
 from .config import DisNCLConfig
 from .decode import batched, decode_stream
 from .errors import NcleanerError
 from .heads import DisNCLCritics
 from .mixture import TwoComponentMixture
-from .model import Calibration, NcleanerModel, soft_agreement
+from .model import MODEL_FILES, Calibration, NcleanerModel, soft_agreement
 from .shards import expand_shards, read_shard
+from .writer import prepare_output_dir
 
 
 @dataclass
@@ -55,18 +56,6 @@ class FitResult:
     pairs_used: int
     statuses: dict[str, int]
     history: list[dict]
-
-
-def prepare_output_dir(out_dir: str | Path, force: bool) -> Path:
-    """Refuse to overwrite a non-empty directory unless ``force``."""
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise NcleanerError(f"{out}: exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()):
-        if not force:
-            raise NcleanerError(f"{out}: directory is not empty (use --force to overwrite)")
-        shutil.rmtree(out)
-    return out
 
 
 def load_training_set(urls: list[str], model: NcleanerModel, batch_size: int, progress: bool) -> TrainingSet:
@@ -103,7 +92,7 @@ def fit(
     shards: str | Iterable[str],
     out_dir: str | Path,
     config: DisNCLConfig | None = None,
-    device: str = "cpu",
+    device: str = "auto",
     force: bool = False,
     progress: bool = True,
     log: Callable[[str], None] = print,
@@ -115,10 +104,11 @@ def fit(
     except ValueError as exc:
         raise NcleanerError(f"invalid configuration: {exc}") from exc
     urls = expand_shards(shards)
-    out = prepare_output_dir(out_dir, force)
+    out = prepare_output_dir(out_dir, force, owned=MODEL_FILES)
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
 
+    device = resolve_device(device)
     model = NcleanerModel.create(config, device)
     data = load_training_set(urls, model, config.batch_size, progress)
     n = 0 if data.statuses.get("ok", 0) == 0 else len(data)

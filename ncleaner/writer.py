@@ -9,11 +9,52 @@ give byte-identical shards.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Sequence
+from fnmatch import fnmatch
 from pathlib import Path
 
 import webdataset as wds
 
+from .errors import NcleanerError
+
 FIXED_MTIME = 0.0
+
+
+def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
+    """Call ``write(tmp_path)`` then rename into ``path``: readers never see a half-written file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.partial")
+    write(str(tmp))
+    os.replace(tmp, path)
+
+
+SHARD_OUTPUTS = ("[0-9][0-9][0-9][0-9][0-9].tar", ".*.partial", "manifest.json")
+
+
+def prepare_output_dir(out_dir: str | Path, force: bool, owned: Sequence[str] = SHARD_OUTPUTS) -> Path:
+    """Make sure ``out_dir`` can take a fresh output without losing anything of the user's.
+
+    A non-empty directory is refused unless ``force``; even then only entries that
+    match ``owned`` (files an earlier ncleaner run writes there) are removed, and a
+    directory holding anything else is refused, so ``--force`` never deletes user data.
+    """
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise NcleanerError(f"{out}: exists and is not a directory")
+    entries = list(out.iterdir()) if out.is_dir() else []
+    if entries:
+        if not force:
+            raise NcleanerError(f"{out}: directory is not empty (use --force to overwrite)")
+        foreign = [e.name for e in entries if not e.is_file() or not any(fnmatch(e.name, p) for p in owned)]
+        if foreign:
+            raise NcleanerError(
+                f"{out}: holds files ncleaner did not write ({', '.join(sorted(foreign)[:3])}); "
+                "refusing to overwrite, choose another directory"
+            )
+        for e in entries:
+            e.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    return out
 
 
 class ShardSink:

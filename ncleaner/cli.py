@@ -1,0 +1,219 @@
+"""The ``ncleaner`` command: a thin layer over ``ncleaner.fit``, ``score`` and ``filter_shards``."""
+
+from __future__ import annotations
+
+import functools
+import sys
+
+import click
+
+from . import __version__
+from .config import TRAIN_BACKBONE_CHOICES, DisNCLConfig
+from .errors import NcleanerError
+
+
+def user_errors(fn):
+    """Print NcleanerError (bad input, missing files) as one line and exit 1, never a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except NcleanerError as exc:
+            raise click.ClickException(str(exc)) from None
+
+    return wrapper
+
+
+def _log(quiet: bool):
+    return (lambda _msg: None) if quiet else (lambda msg: click.echo(msg, err=True))
+
+
+device_option = click.option(
+    "--device", default="auto", show_default=True, help="cpu, cuda, cuda:N, or auto (CUDA when present)."
+)
+quiet_option = click.option("--quiet", "-q", is_flag=True, help="No progress bars or per-epoch lines.")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="ncleaner")
+def main():
+    """Find image-caption pairs whose caption does not describe the image, and write a clean copy.
+
+    fit trains a DisNCL model on your shards, score writes a Parquet report with one row per
+    pair, filter writes new shards holding the pairs you keep.
+    """
+
+
+@main.command()
+@click.argument("shards", nargs=-1, required=True)
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Model directory to write.")
+@click.option(
+    "--backbone",
+    default=DisNCLConfig.backbone,
+    show_default=True,
+    help="open_clip model name. The default is a tiny demo backbone trained from scratch, not a real one.",
+)
+@click.option(
+    "--pretrained", default=None, help="open_clip pretrained tag (e.g. laion2b_s34b_b79k) or a local checkpoint file."
+)
+@click.option(
+    "--train-backbone",
+    type=click.Choice(TRAIN_BACKBONE_CHOICES),
+    default="auto",
+    show_default=True,
+    help="none: freeze the backbone and cache its features (default with --pretrained); "
+    "all: train it with the heads (default without).",
+)
+@click.option("--epochs", type=click.IntRange(min=1), default=DisNCLConfig.epochs, show_default=True)
+@click.option(
+    "--warmup-epochs",
+    type=click.IntRange(min=0),
+    default=DisNCLConfig.warmup_epochs,
+    show_default=True,
+    help="Epochs of plain alignment before pairs are weighted by how clean they look.",
+)
+@click.option("--batch-size", type=click.IntRange(min=2), default=DisNCLConfig.batch_size, show_default=True)
+@click.option("--lr", type=float, default=DisNCLConfig.lr, show_default=True, help="Learning rate of the heads.")
+@click.option("--seed", type=int, default=DisNCLConfig.seed, show_default=True)
+@device_option
+@click.option("--force", is_flag=True, help="Overwrite an existing model directory.")
+@quiet_option
+@user_errors
+def fit(
+    shards,
+    out_dir,
+    backbone,
+    pretrained,
+    train_backbone,
+    epochs,
+    warmup_epochs,
+    batch_size,
+    lr,
+    seed,
+    device,
+    force,
+    quiet,
+):
+    """Train a DisNCL model on SHARDS (no clean labels needed) and save it to --out.
+
+    \b
+    SHARDS: directories of .tar files, globs, brace patterns or URL / pipe: specs.
+    """
+    from .train import fit as run_fit
+
+    config = DisNCLConfig(
+        backbone=backbone,
+        pretrained=pretrained,
+        train_backbone=train_backbone,
+        epochs=epochs,
+        warmup_epochs=min(warmup_epochs, epochs),
+        batch_size=batch_size,
+        lr=lr,
+        seed=seed,
+    )
+    result = run_fit(shards, out_dir, config, device=device, force=force, progress=not quiet, log=_log(quiet))
+    skipped = sum(v for k, v in result.statuses.items() if k != "ok")
+    click.echo(
+        f"model {result.model_id} saved to {result.model_dir}: trained on {result.pairs_used} pairs"
+        + (f" ({skipped} could not be used)" if skipped else "")
+    )
+
+
+@main.command()
+@click.argument("shards", nargs=-1, required=True)
+@click.option("--model", "model_dir", required=True, type=click.Path(), help="Model directory written by fit.")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Report directory to write.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
+@device_option
+@click.option("--overwrite", is_flag=True, help="Re-score shards that the report already holds.")
+@click.option(
+    "--keep-json-fields",
+    default="",
+    help="Comma-separated json fields of each sample to copy into the report as text columns.",
+)
+@quiet_option
+@user_errors
+def score(shards, model_dir, out_dir, batch_size, device, overwrite, keep_json_fields, quiet):
+    """Score every pair of SHARDS and write a Parquet report (one row per pair, one file per shard).
+
+    Pairs that cannot be scored (corrupt image, missing caption...) get a row too, with a status
+    saying why. Shards already in the report are skipped, so an interrupted run can be resumed.
+    """
+    from .report import score as run_score
+
+    fields = [f.strip() for f in keep_json_fields.split(",") if f.strip()]
+    result = run_score(
+        shards,
+        model_dir,
+        out_dir,
+        batch_size=batch_size,
+        device=device,
+        overwrite=overwrite,
+        keep_json_fields=fields,
+        progress=not quiet,
+        log=_log(quiet),
+    )
+    not_ok = {k: v for k, v in result.statuses.items() if k != "ok"}
+    click.echo(
+        f"report {result.report_dir}: {result.rows} rows from {len(result.scored_shards) + len(result.skipped_shards)}"
+        f" shard(s), model {result.model_id}"
+        + ("; not scored: " + ", ".join(f"{v} {k}" for k, v in sorted(not_ok.items())) if not_ok else "")
+    )
+
+
+@main.command(name="filter")
+@click.argument("shards", nargs=-1, required=True)
+@click.option("--report", "report_dir", required=True, type=click.Path(), help="Report directory written by score.")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Directory for kept shards.")
+@click.option("--threshold", type=float, default=None, help="Keep pairs whose --column is >= this value.")
+@click.option("--keep-fraction", type=float, default=None, help="Keep this fraction of pairs, best --column first.")
+@click.option("--auto", is_flag=True, help="Keep pairs the model judges clean (clean_prob >= 0.5).")
+@click.option(
+    "--column",
+    default="score",
+    show_default=True,
+    help="Report column the rule applies to (score, mii_sim, soft_agreement, clip_sim, clean_prob).",
+)
+@click.option(
+    "--rejected-out",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Also write the rejected pairs here, as shards.",
+)
+@click.option(
+    "--maxcount", type=click.IntRange(min=1), default=10_000, show_default=True, help="Samples per output shard."
+)
+@click.option("--force", is_flag=True, help="Replace shards an earlier filter run wrote to --out / --rejected-out.")
+@user_errors
+def filter_cmd(shards, report_dir, out_dir, threshold, keep_fraction, auto, column, rejected_out, maxcount, force):
+    """Write the pairs of SHARDS that pass the rule as new shards, byte for byte, with a manifest.json.
+
+    Give exactly one rule: --threshold, --keep-fraction or --auto. Pairs that could not be scored
+    are always rejected. kept + rejected = input, and the counts are in --out/manifest.json.
+    """
+    from .filtering import filter_shards
+
+    result = filter_shards(
+        shards,
+        report_dir,
+        out_dir,
+        threshold=threshold,
+        keep_fraction=keep_fraction,
+        auto=auto,
+        column=column,
+        rejected_out=rejected_out,
+        maxcount=maxcount,
+        force=force,
+    )
+    rule = result.rule
+    reasons = ", ".join(f"{v} {k}" for k, v in sorted(result.rejected_by_reason.items()))
+    click.echo(
+        f"kept {result.kept_count} of {result.input_count} pairs ({rule.column} >= {rule.threshold:.4g}) "
+        f"in {len(result.kept_shards)} shard(s) under {result.out_dir}; rejected {result.rejected_count}"
+        + (f" ({reasons})" if reasons else "")
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
