@@ -1,0 +1,90 @@
+"""Shared fixtures: small generated shards, hand-built shards with bad samples, a fitted model."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from ncleaner.cli import main
+from ncleaner.synthetic import write_synthetic_shards
+
+REPO = Path(__file__).resolve().parent.parent
+SAMPLE_DATA = REPO / "sample_data"
+
+
+def jpeg_bytes(color=(200, 30, 30), size=32, fmt="JPEG") -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (size, size), color).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def write_tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
+    """A tar holding exactly these (name, bytes) members, in this order."""
+    with tarfile.open(path, "w") as tf:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    return path
+
+
+def tar_members(path: Path) -> dict[str, bytes]:
+    with tarfile.open(path) as tf:
+        return {m.name: tf.extractfile(m).read() for m in tf.getmembers() if m.isfile()}
+
+
+def run_cli(*args: str, ok: bool = True):
+    """Run the ncleaner CLI in-process; assert on the exit code, return the result."""
+    result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+    if ok:
+        assert result.exit_code == 0, result.output
+    return result
+
+
+@pytest.fixture(scope="session")
+def small_shards(tmp_path_factory) -> Path:
+    """96 generated pairs with 25 % permuted captions in three shards."""
+    out = tmp_path_factory.mktemp("small_shards")
+    write_synthetic_shards(out, n_samples=96, shard_size=32, noise_rate=0.25, seed=7)
+    return out
+
+
+@pytest.fixture(scope="session")
+def small_model(small_shards, tmp_path_factory) -> Path:
+    """A model fitted on ``small_shards`` in a few seconds (too short to be good, long enough to be real)."""
+    out = tmp_path_factory.mktemp("small_model") / "model"
+    run_cli("fit", small_shards, "--out", out, "--epochs", "2", "--warmup-epochs", "1", "--batch-size", "32", "--quiet")
+    return out
+
+
+@pytest.fixture(scope="session")
+def messy_shard(tmp_path_factory) -> Path:
+    """One shard with every kind of problem a crawl produces, next to good samples."""
+    d = tmp_path_factory.mktemp("messy")
+    good = jpeg_bytes()
+    members = [
+        ("a0.jpg", good),
+        ("a0.txt", b"a red square"),
+        ("a0.json", b'{"url": "http://x/a0.jpg"}'),
+        ("a1.jpg", b"\xff\xd8\xff not really a jpeg"),
+        ("a1.txt", b"a corrupt image"),
+        ("a2.jpg", good),
+        ("a2.json", b'{"url": "http://x/a2.jpg"}'),  # no caption anywhere
+        ("a3.txt", b"a caption without an image"),
+        ("a4.JPG", good),
+        ("a4.json", b'{"caption": "a caption from json", "url": "http://x/a4"}'),
+        ("a5.png", jpeg_bytes(fmt="PNG")),
+        ("a5.txt", b"a png image"),
+        ("a5.json", b"{not json"),
+        ("a6.jpg", good),
+        ("a6.json", b"{not json"),
+        ("a7.webp", jpeg_bytes(fmt="WEBP")),
+        ("a7.txt", b"a webp image"),
+        ("a7.extra.bin", b"\x00\x01keep me"),
+    ]
+    return write_tar(d / "00000.tar", members)

@@ -1,0 +1,98 @@
+"""The reader and decode stages: every SHARDS form, and bad samples turned into statuses."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import jpeg_bytes, write_tar
+
+from ncleaner.backbone import build_backbone
+from ncleaner.decode import decode_pair
+from ncleaner.errors import NcleanerError
+from ncleaner.shards import expand_shards, read_shard, shard_names
+
+
+def test_every_shards_form_expands_to_the_same_files(small_shards):
+    files = sorted(str(p) for p in small_shards.glob("*.tar"))
+    assert len(files) == 3
+    assert expand_shards(str(small_shards)) == files
+    assert expand_shards(str(small_shards / "*.tar")) == files
+    assert expand_shards(str(small_shards / "{00000..00002}.tar")) == files
+    assert expand_shards("::".join(files)) == files
+    assert expand_shards(files) == files  # several arguments, as a shell glob gives them
+    assert expand_shards(f"pipe:cat {files[0]}") == [f"pipe:cat {files[0]}"]
+
+
+def test_pipe_spec_reads_the_same_samples_as_the_file(small_shards):
+    path = str(small_shards / "00000.tar")
+    direct = [(s.key, s.members) for s in read_shard(path)]
+    piped = [(s.key, s.members) for s in read_shard(f"pipe:cat {path}")]
+    assert direct == piped and len(direct) == 32
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [("nowhere/{0..1}.tar", "no such shard file"), ("nowhere/*.tar", "matches no files"), ("missing.tar", "no such")],
+)
+def test_missing_shards_fail_before_any_work(spec, message, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(NcleanerError, match=message):
+        expand_shards(spec)
+
+
+def test_directory_without_shards_is_an_error(tmp_path):
+    with pytest.raises(NcleanerError, match="no .tar shards"):
+        expand_shards(str(tmp_path))
+
+
+def test_colliding_shard_names_are_disambiguated():
+    names = shard_names(["a/00000.tar", "b/00000.tar", "b/00001.tar", "pipe:curl -s http://h/x/00002.tar"])
+    assert names[0] != names[1] and names[0].startswith("00000-") and names[2:] == ["00001", "00002"]
+
+
+def test_reader_keeps_member_bytes_and_suffix_case(messy_shard):
+    samples = list(read_shard(str(messy_shard)))
+    assert [s.key for s in samples] == [f"a{i}" for i in range(8)]
+    assert [s.index for s in samples] == list(range(8))
+    assert set(samples[4].members) == {"JPG", "json"}
+    assert samples[7].members["extra.bin"] == b"\x00\x01keep me"
+
+
+def test_empty_shard_has_no_samples(tmp_path):
+    assert list(read_shard(str(write_tar(tmp_path / "empty.tar", [])))) == []
+
+
+def test_corrupt_tar_is_a_one_line_error_naming_the_shard(tmp_path, small_shards):
+    broken = tmp_path / "broken.tar"
+    broken.write_bytes((small_shards / "00000.tar").read_bytes()[:5000] + b"garbage" * 100)
+    with pytest.raises(NcleanerError) as err:
+        list(read_shard(str(broken)))
+    assert str(broken) in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.fixture(scope="module")
+def preprocess():
+    return build_backbone("ncleaner-tiny", None).preprocess
+
+
+def test_decode_statuses(messy_shard, preprocess):
+    pairs = [decode_pair(s, preprocess) for s in read_shard(str(messy_shard))]
+    assert [p.status for p in pairs] == [
+        "ok",
+        "bad_image",
+        "missing_caption",
+        "missing_image",
+        "ok",
+        "ok",
+        "bad_json",
+        "ok",
+    ]
+    assert pairs[0].caption == "a red square" and pairs[0].url == "http://x/a0.jpg"
+    assert pairs[4].caption == "a caption from json" and pairs[4].url == "http://x/a4"
+    assert pairs[5].caption == "a png image"  # broken json does not matter when txt has the caption
+    assert all((p.image is not None) == p.ok for p in pairs)
+    assert tuple(pairs[0].image.shape) == (3, 64, 64)
+
+
+def test_blank_caption_counts_as_missing(tmp_path, preprocess):
+    shard = write_tar(tmp_path / "blank.tar", [("k.jpg", jpeg_bytes()), ("k.txt", b"  \n")])
+    assert decode_pair(next(read_shard(str(shard))), preprocess).status == "missing_caption"
