@@ -39,6 +39,11 @@ class DisNCLConfig:
     target_tau: float = 0.05
     identity_mix: float = 0.5
 
+    # Ablation switches; all on is DisNCL. With both off and lambda_dis = lambda_reg = 0 the
+    # objective is plain symmetric InfoNCE (the NCR-style baseline of the benchmark).
+    soft_targets: bool = True  # False: one-hot targets
+    noise_weights: bool = True  # False: every pair keeps weight 1 after the warm-up too
+
     # Loss weights: L = L_align + lambda_dis * L_Dis + lambda_reg * L_reg.
     lambda_dis: float = 0.1
     lambda_adv: float = 1.0

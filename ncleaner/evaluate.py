@@ -9,13 +9,20 @@ score column is, so higher AUROC / AP = better detection.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
+import torch.nn.functional as F
 from sklearn.metrics import average_precision_score, roc_auc_score
 
+from .backbone import resolve_device
+from .decode import Pair, batched, decode_stream
 from .errors import NcleanerError
-from .model import SCORE_COLUMNS
+from .model import SCORE_COLUMNS, NcleanerModel
+from .shards import expand_shards, read_shard
 
 
 def truth_from_report(report: pd.DataFrame, field: str = "ncleaner_noisy") -> np.ndarray:
@@ -51,3 +58,118 @@ def kept_set_metrics(kept: np.ndarray, noisy: np.ndarray) -> dict[str, float]:
         "kept_precision": float((~noisy[kept]).mean()) if kept.any() else float("nan"),
         "noise_removed": float((~kept[noisy]).mean()) if noisy.any() else float("nan"),
     }
+
+
+def truth_from_file(report: pd.DataFrame, path: str | Path) -> np.ndarray:
+    """Per-row noisy flags from a parquet with ``key`` and ``noisy`` columns (``inject-noise`` writes one)."""
+    try:
+        truth = pd.read_parquet(path, columns=["key", "noisy"])
+    except Exception as exc:
+        raise NcleanerError(
+            f"{path}: cannot read ground truth ({exc.__class__.__name__}: key and noisy columns)"
+        ) from exc
+    if truth["key"].duplicated().any():
+        raise NcleanerError(f"{path}: keys are not unique, cannot match report rows")
+    noisy = report["key"].map(truth.set_index("key")["noisy"])
+    if noisy.isna().any():
+        missing = report.loc[noisy.isna(), "key"].iloc[0]
+        raise NcleanerError(f"{path}: no ground truth for {int(noisy.isna().sum())} report rows (e.g. key {missing})")
+    return noisy.to_numpy(dtype=bool)
+
+
+def evaluate_report(report: pd.DataFrame, noisy: np.ndarray) -> dict:
+    """Detection metrics of every score column, and the kept set of the model's automatic rule."""
+    kept = ((report["status"] == "ok") & (report["clean_prob"] >= 0.5)).to_numpy()
+    return {
+        "pairs": len(report),
+        "noisy": int(noisy.sum()),
+        "not_scored": int((report["status"] != "ok").sum()),
+        "columns": detection_metrics(report, noisy),
+        "auto": {"rule": "clean_prob >= 0.5", "kept": int(kept.sum()), **kept_set_metrics(kept, noisy)},
+    }
+
+
+def recall_at_k(sim: torch.Tensor, ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
+    """R@K in both directions for a square similarity matrix whose diagonal holds the true pairs.
+
+    ``sim[i, j]`` is the similarity of image i and text j. A query counts as
+    retrieved at K when its partner ranks among the top K (ties count against it).
+    """
+    diag = sim.diagonal()
+    # Other candidates scoring at least as high as the true partner (the partner itself is subtracted).
+    rank_i2t = (sim >= diag[:, None]).sum(dim=1) - 1
+    rank_t2i = (sim >= diag[None, :]).sum(dim=0) - 1
+    out = {}
+    for k in ks:
+        out[f"i2t_R@{k}"] = float((rank_i2t < k).float().mean() * 100)
+    for k in ks:
+        out[f"t2i_R@{k}"] = float((rank_t2i < k).float().mean() * 100)
+    out["rsum"] = sum(out.values())
+    return out
+
+
+@torch.no_grad()
+def encode_shards(
+    model: NcleanerModel, shards: str | Iterable[str], batch_size: int = 256, keep: Callable[[Pair], bool] = None
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Backbone features (F_V, F_T) of every decodable pair of ``shards`` that ``keep`` accepts,
+    in shard order, and the number of samples left out."""
+    keep = keep or (lambda pair: True)
+    raw_v, raw_t, skipped = [], [], 0
+    pairs = decode_stream((r for u in expand_shards(shards) for r in read_shard(u)), model.backbone.preprocess)
+    for block in batched(pairs, batch_size):
+        ok = [p for p in block if p.ok and keep(p)]
+        skipped += len(block) - len(ok)
+        if ok:
+            f_v, f_t = model.encode(torch.stack([p.image for p in ok]), model.tokenize([p.caption for p in ok]))
+            raw_v.append(f_v)
+            raw_t.append(f_t)
+    if not raw_v:
+        raise NcleanerError(f"{shards}: no decodable pairs")
+    return torch.cat(raw_v), torch.cat(raw_t), skipped
+
+
+def retrieval_metrics(
+    shards: str | Iterable[str], model_dir: str | Path, device: str = "auto", batch_size: int = 256
+) -> dict:
+    """Image-text retrieval R@1/5/10 on a clean split, in the MII subspace and in the raw backbone space.
+
+    Pairs whose json says ``ncleaner_noisy: true`` are left out (they have no
+    true partner), as are samples that cannot be decoded.
+    """
+    model = NcleanerModel.load(model_dir, resolve_device(device))
+    f_v, f_t, skipped = encode_shards(
+        model, shards, batch_size, keep=lambda p: p.meta.get("ncleaner_noisy") is not True
+    )
+    v_s, t_s = model.heads.mii(f_v, f_t)
+    clip_v, clip_t = F.normalize(f_v, dim=-1), F.normalize(f_t, dim=-1)
+    return {
+        "pairs": len(f_v),
+        "skipped": skipped,
+        "mii": recall_at_k((v_s @ t_s.T).cpu()),
+        "clip": recall_at_k((clip_v @ clip_t.T).cpu()),
+    }
+
+
+def format_detection(d: dict) -> str:
+    lines = [
+        f"noise detection: {d['noisy']} noisy of {d['pairs']} pairs ({d['not_scored']} not scored)",
+        f"  {'column':<16}{'AUROC':>8}{'AP':>8}",
+        *(f"  {c:<16}{m['auroc']:>8.4f}{m['ap']:>8.4f}" for c, m in d["columns"].items()),
+        f"  auto rule ({d['auto']['rule']}): kept {d['auto']['kept']}, {d['auto']['kept_precision']:.1%} clean, "
+        f"{d['auto']['noise_removed']:.1%} of the noise removed",
+    ]
+    return "\n".join(lines)
+
+
+def format_retrieval(r: dict) -> str:
+    keys = [k for k in r["mii"] if k != "rsum"]
+    lines = [
+        f"retrieval on {r['pairs']} clean pairs ({r['skipped']} left out)",
+        "  " + f"{'space':<6}" + "".join(f"{k:>10}" for k in keys) + f"{'rsum':>9}",
+        *(
+            "  " + f"{space:<6}" + "".join(f"{r[space][k]:>10.1f}" for k in keys) + f"{r[space]['rsum']:>9.1f}"
+            for space in ("mii", "clip")
+        ),
+    ]
+    return "\n".join(lines)

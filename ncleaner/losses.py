@@ -44,21 +44,37 @@ def soft_alignment_loss(
     tau: float,
     target_tau: float,
     identity_mix: float,
+    soft: bool = True,
 ) -> torch.Tensor:
     """L_align: weighted symmetric cross-entropy of MII similarities against soft targets.
 
     Maximises an InfoNCE-style lower bound on I(V_S; T_S) (DESIGN.md section 2,
     "Cross-modal alignment in the MII subspace"), with each pair's two rows
     scaled by its clean weight so pairs that look noisy contribute little.
+    ``soft=False`` uses one-hot targets instead (the ablation / plain InfoNCE).
     """
     sim = v_s @ t_s.T
     logits = sim / tau
     with torch.no_grad():
-        target_i2t = soft_targets(sim, clean_weight, target_tau, identity_mix)
-        target_t2i = soft_targets(sim.T, clean_weight, target_tau, identity_mix)
+        if soft:
+            target_i2t = soft_targets(sim, clean_weight, target_tau, identity_mix)
+            target_t2i = soft_targets(sim.T, clean_weight, target_tau, identity_mix)
+        else:
+            target_i2t = target_t2i = torch.eye(len(sim), dtype=sim.dtype, device=sim.device)
     ce_i2t = -(target_i2t * logits.log_softmax(dim=1)).sum(dim=1)
     ce_t2i = -(target_t2i * logits.T.log_softmax(dim=1)).sum(dim=1)
     return (clean_weight * (ce_i2t + ce_t2i) / 2).mean()
+
+
+def infonce_per_pair(v_s: torch.Tensor, t_s: torch.Tensor, tau: float) -> torch.Tensor:
+    """Per-pair symmetric InfoNCE loss with one-hot targets within the batch (no reduction).
+
+    The statistic NCR (Huang et al., NeurIPS 2021) splits with a two-component
+    mixture: noisy pairs are the ones the model fits last, so their loss stays high.
+    """
+    logits = v_s @ t_s.T / tau
+    labels = torch.arange(len(logits), device=logits.device)
+    return (F.cross_entropy(logits, labels, reduction="none") + F.cross_entropy(logits.T, labels, reduction="none")) / 2
 
 
 def gaussian_log_likelihood(q: GaussianVariational, s: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -6,7 +6,20 @@ caption still occurs exactly once but no longer describes its own image.
 
 from __future__ import annotations
 
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
 import numpy as np
+import pandas as pd
+
+from .decode import JSON_CAPTION_FIELDS, read_text_fields
+from .errors import NcleanerError
+from .shards import expand_shards, read_shard, shard_names
+from .writer import SHARD_OUTPUTS, ShardFile, prepare_output_dir
+
+TRUTH_FILE = "noise_truth.parquet"
 
 
 def caption_permutation(n: int, rate: float, rng: np.random.Generator) -> np.ndarray:
@@ -33,3 +46,87 @@ def caption_permutation(n: int, rate: float, rng: np.random.Generator) -> np.nda
     rng.shuffle(chosen)
     perm[chosen] = np.roll(chosen, 1)
     return perm
+
+
+@dataclass
+class NoiseResult:
+    out_dir: Path
+    shards: list[Path]
+    samples: int
+    with_caption: int
+    noisy: int
+    truth_file: Path
+
+
+def inject_noise(
+    shards: str | Iterable[str],
+    out_dir: str | Path,
+    rate: float,
+    seed: int = 0,
+    mode: str = "permute",
+    force: bool = False,
+) -> NoiseResult:
+    """Copy ``shards`` to ``out_dir`` with the captions of a ``rate`` fraction permuted among themselves.
+
+    One output shard per input shard, same name. For every sample that has a
+    caption, the json member records ``ncleaner_noisy`` (and, when noisy,
+    ``ncleaner_original_caption``); a noisy sample's ``txt`` member and json
+    caption field take the other sample's caption. Every other member is copied
+    byte for byte. ``OUT/noise_truth.parquet`` holds the same ground truth
+    (key, shard, index, noisy) for ``ncleaner evaluate --truth``.
+    """
+    if mode != "permute":
+        raise NcleanerError(f"--mode {mode}: unknown noise mode (only 'permute')")
+    if not 0.0 <= rate <= 1.0:
+        raise NcleanerError(f"--rate {rate}: must be in [0, 1]")
+    urls = expand_shards(shards)
+    captions = [read_text_fields(raw)[0] for url in urls for raw in read_shard(url)]
+    eligible = np.flatnonzero([c is not None for c in captions])
+    if len(eligible) < 2:
+        raise NcleanerError(f"{urls[0]}: {len(eligible)} sample(s) with a caption; need at least two to permute")
+    perm = caption_permutation(len(eligible), rate, np.random.default_rng(seed))
+    source = np.arange(len(captions))
+    source[eligible] = eligible[perm]
+
+    out = prepare_output_dir(out_dir, force, owned=(*SHARD_OUTPUTS, "*.tar", TRUTH_FILE))
+    written, truth = [], []
+    i = 0
+    for url, name in zip(urls, shard_names(urls), strict=True):
+        with ShardFile(out / f"{name}.tar") as shard:
+            for raw in read_shard(url):
+                noisy = bool(source[i] != i)
+                shard.write(_with_caption(raw.key, raw.members, captions[i], captions[source[i]], noisy))
+                truth.append({"key": raw.key, "shard": str(out / f"{name}.tar"), "index": raw.index, "noisy": noisy})
+                i += 1
+        written.append(shard.path)
+    pd.DataFrame(truth).to_parquet(out / TRUTH_FILE, index=False)
+    return NoiseResult(
+        out, written, len(captions), len(eligible), int((source != np.arange(len(source))).sum()), out / TRUTH_FILE
+    )
+
+
+def _with_caption(key: str, members: dict[str, bytes], own: str | None, new: str | None, noisy: bool) -> dict:
+    sample = {"__key__": key, **members}
+    if own is None:
+        return sample  # nothing to permute, nothing to record
+    json_name = next((n for n in members if n.lower() == "json"), "json")
+    try:
+        meta = json.loads(members[json_name]) if json_name in members else {}
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        meta = None
+    if not isinstance(meta, dict):
+        meta = None  # a broken json stays as it was; noise_truth.parquet still has the truth
+    if noisy:
+        txt_name = next((n for n in members if n.lower() == "txt"), None)
+        if txt_name is not None:
+            sample[txt_name] = new.encode("utf-8")
+        if meta is not None:
+            for field in JSON_CAPTION_FIELDS:
+                if isinstance(meta.get(field), str):
+                    meta[field] = new
+    if meta is not None:
+        meta["ncleaner_noisy"] = noisy
+        if noisy:
+            meta["ncleaner_original_caption"] = own
+        sample[json_name] = json.dumps(meta, ensure_ascii=False, sort_keys=True).encode("utf-8")
+    return sample

@@ -33,6 +33,21 @@ COLORS = {
     "orange": (245, 135, 25),
 }
 SHAPES = ("circle", "square", "triangle", "cross")
+COLOR_SYNONYMS = {
+    "red": ("red", "crimson", "scarlet"),
+    "green": ("green", "emerald", "grass-green"),
+    "blue": ("blue", "navy", "azure"),
+    "yellow": ("yellow", "golden", "lemon"),
+    "purple": ("purple", "violet", "lilac"),
+    "orange": ("orange", "tangerine", "amber"),
+}
+SHAPE_SYNONYMS = {
+    "circle": ("circle", "disc", "round shape"),
+    "square": ("square", "box", "block"),
+    "triangle": ("triangle", "three-sided shape", "triangular shape"),
+    "cross": ("cross", "plus sign", "plus"),
+}
+NUMBERS = {2: "two", 3: "three"}
 FILLERS = (
     "free download",
     "stock photo",
@@ -64,6 +79,11 @@ class SceneGenerator:
     text_clutter: bool = True
 
     def render(self, rng: np.random.Generator) -> tuple[Image.Image, str]:
+        """One (image, caption) pair drawn with ``rng``."""
+        image, objects = self._scene(rng)
+        return image, self._clutter(self._caption(objects, rng), rng)
+
+    def _scene(self, rng: np.random.Generator) -> tuple[Image.Image, list[tuple[str, str]]]:
         n = int(rng.integers(1, self.max_objects + 1))
         objects = [(str(rng.choice(list(COLORS))), str(rng.choice(SHAPES))) for _ in range(n)]
         image = self._background(rng)
@@ -74,7 +94,7 @@ class SceneGenerator:
             cx = (i + 0.5) * slot + float(rng.uniform(-0.12, 0.12)) * slot
             cy = float(rng.uniform(0.35, 0.65)) * self.image_size
             _draw_shape(draw, shape, cx, cy, radius, COLORS[color])
-        return image, self._caption(objects, rng)
+        return image, objects
 
     def _background(self, rng: np.random.Generator) -> Image.Image:
         s = self.image_size
@@ -93,11 +113,13 @@ class SceneGenerator:
     def _caption(self, objects: list[tuple[str, str]], rng: np.random.Generator) -> str:
         names = [f"{_article(color)} {color} {shape}" for color, shape in objects]
         if len(names) == 1:
-            text = names[0]
-        elif rng.random() < 0.5:
-            text = f"{names[0]} to the left of {names[1]}"
-        else:
-            text = f"{names[1]} to the right of {names[0]}"
+            return names[0]
+        if rng.random() < 0.5:
+            return f"{names[0]} to the left of {names[1]}"
+        return f"{names[1]} to the right of {names[0]}"
+
+    def _clutter(self, text: str, rng: np.random.Generator) -> str:
+        """Filler phrases around the caption: text-side MEI that no image shows."""
         if self.text_clutter:
             for _ in range(int(rng.integers(0, 3))):
                 filler = str(rng.choice(FILLERS))
@@ -105,8 +127,98 @@ class SceneGenerator:
         return text
 
 
+@dataclass(frozen=True)
+class ParaphraseGenerator(SceneGenerator):
+    """The scenes of ``SceneGenerator`` described with several templates and synonyms.
+
+    The same content has many surface forms, so a model must match meaning, not wording.
+    """
+
+    def _caption(self, objects: list[tuple[str, str]], rng: np.random.Generator) -> str:
+        names = [self._name(color, shape, rng) for color, shape in objects]
+        if len(names) == 1:
+            template = str(rng.choice(["{a}", "a picture of {a}", "{a}, nothing else", "just {a}"]))
+            return template.format(a=names[0])
+        template = str(
+            rng.choice(
+                [
+                    "{a} to the left of {b}",
+                    "{b} to the right of {a}",
+                    "on the left {a}, on the right {b}",
+                    "{a} and, to its right, {b}",
+                    "{b} with {a} on its left",
+                ]
+            )
+        )
+        return template.format(a=names[0], b=names[1])
+
+    @staticmethod
+    def _name(color: str, shape: str, rng: np.random.Generator) -> str:
+        c = str(rng.choice(COLOR_SYNONYMS[color]))
+        sh = str(rng.choice(SHAPE_SYNONYMS[shape]))
+        return f"{_article(c)} {c} {sh}"
+
+
+@dataclass(frozen=True)
+class HardSceneGenerator(SceneGenerator):
+    """Two or three objects on a 2x2 grid, with relations (left of, above), counts, and
+    small distractor objects that the caption does not mention."""
+
+    max_objects: int = 3
+    distractors: int = 2
+
+    def _scene(self, rng: np.random.Generator) -> tuple[Image.Image, list[tuple[str, str]]]:
+        n = int(rng.integers(2, self.max_objects + 1))
+        kind = (str(rng.choice(list(COLORS))), str(rng.choice(SHAPES)))
+        # Half of the scenes repeat an object, so counts matter ("two red circles").
+        objects = [
+            kind if rng.random() < 0.5 else (str(rng.choice(list(COLORS))), str(rng.choice(SHAPES)))
+            for _ in range(n - 1)
+        ] + [kind]
+        cells = [int(c) for c in rng.permutation(4)[:n]]
+        image = self._background(rng)
+        draw = ImageDraw.Draw(image)
+        half = self.image_size / 2
+        for _ in range(self.distractors):
+            cx, cy = rng.uniform(0, self.image_size, size=2)
+            gray = int(rng.integers(60, 200))
+            _draw_shape(draw, str(rng.choice(SHAPES)), float(cx), float(cy), 0.07 * self.image_size, (gray,) * 3)
+        for (color, shape), cell in zip(objects, cells, strict=True):
+            cx = (cell % 2 + 0.5) * half + float(rng.uniform(-0.1, 0.1)) * half
+            cy = (cell // 2 + 0.5) * half + float(rng.uniform(-0.1, 0.1)) * half
+            _draw_shape(draw, shape, cx, cy, float(rng.uniform(0.3, 0.4)) * half, COLORS[color])
+        return image, [(c, sh, cell) for (c, sh), cell in zip(objects, cells, strict=True)]
+
+    def _caption(self, objects, rng: np.random.Generator) -> str:
+        counts: dict[tuple[str, str], int] = {}
+        for color, shape, _ in objects:
+            counts[(color, shape)] = counts.get((color, shape), 0) + 1
+        if len(counts) < len(objects):  # a repeated object: describe by counts
+            parts = [
+                f"{NUMBERS[k]} {color} {_plural(shape)}" if k > 1 else f"{_article(color)} {color} {shape}"
+                for (color, shape), k in counts.items()
+            ]
+            return " and ".join(parts)
+        (c1, s1, p1), (c2, s2, p2) = objects[0], objects[1]
+        a, b = f"{_article(c1)} {c1} {s1}", f"{_article(c2)} {c2} {s2}"
+        if p1 // 2 == p2 // 2:
+            relation = "to the left of" if p1 < p2 else "to the right of"
+        elif p1 % 2 == p2 % 2:
+            relation = "above" if p1 < p2 else "below"
+        else:
+            relation = "diagonally " + ("above" if p1 < p2 else "below")
+        text = f"{a} {relation} {b}"
+        for c3, s3, _ in objects[2:]:
+            text += f" and {_article(c3)} {c3} {s3}"
+        return text
+
+
 def _article(word: str) -> str:
     return "an" if word[0] in "aeiou" else "a"
+
+
+def _plural(noun: str) -> str:
+    return noun + ("es" if noun.endswith(("s", "x")) else "s")
 
 
 def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, fill) -> None:
@@ -122,6 +234,16 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: 
         draw.rectangle([cx - w, cy - r, cx + w, cy + r], fill=fill)
     else:
         raise ValueError(f"unknown shape {shape!r}")
+
+
+GENERATORS = {"scenes": SceneGenerator, "paraphrase": ParaphraseGenerator, "hard": HardSceneGenerator}
+
+
+def make_generator(name: str, image_clutter: bool = True, text_clutter: bool = True) -> SceneGenerator:
+    """A generator by name (``scenes``, ``paraphrase``, ``hard``), clutter on each side switchable."""
+    if name not in GENERATORS:
+        raise ValueError(f"unknown generator {name!r} (one of {', '.join(GENERATORS)})")
+    return GENERATORS[name](image_clutter=image_clutter, text_clutter=text_clutter)
 
 
 def write_synthetic_shards(

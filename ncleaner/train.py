@@ -135,17 +135,17 @@ def fit(
     weights = torch.ones(n)
     history = []
     for epoch in range(config.epochs):
-        if epoch >= config.warmup_epochs and epoch > 0:
+        if config.noise_weights and epoch >= config.warmup_epochs and epoch > 0:
             mii = _mii_similarity(model, data, config.batch_size)
             mixture = TwoComponentMixture.fit(mii, seed=config.seed)
             weights = torch.from_numpy(mixture.clean_posterior(mii)).float()
         stats = _train_epoch(model, critics, data, weights, optimizer, critic_optimizer, schedule, rng, epoch, progress)
         stats.update(epoch=epoch + 1, mean_weight=float(weights.mean()), flagged=float((weights < 0.5).float().mean()))
         history.append(stats)
+        terms = ", ".join(f"{k} {stats[k]:.4f}" for k in ("align", "dis", "reg") if k in stats)
         log(
-            f"epoch {epoch + 1}/{config.epochs}: loss {stats['loss']:.4f} "
-            f"(align {stats['align']:.4f}, dis {stats['dis']:.4f}, reg {stats['reg']:.4f}"
-            + f"), pairs weighted as noisy {stats['flagged']:.1%}"
+            f"epoch {epoch + 1}/{config.epochs}: loss {stats['loss']:.4f} ({terms}), "
+            f"pairs weighted as noisy {stats['flagged']:.1%}"
         )
 
     _finalise(model, data, config, rng)
@@ -204,38 +204,55 @@ def _train_epoch(model, critics, data, weights, optimizer, critic_optimizer, sch
         split = model.heads(f_v, f_t)
         w = weights[idx].to(device)
 
-        # Estimators first, on detached outputs: vCLUB's q(x|s) by likelihood, the
-        # discriminators by matching (alternating updates, DESIGN.md section 2).
-        critic_loss = (
-            -losses.gaussian_log_likelihood(critics.club_image, split.v_s.detach(), split.v_x.detach())
-            - losses.gaussian_log_likelihood(critics.club_text, split.t_s.detach(), split.t_x.detach())
-            + losses.matching_loss(critics.disc_image_mei(split.v_x.detach(), split.t_s.detach()))
-            + losses.matching_loss(critics.disc_text_mei(split.t_x.detach(), split.v_s.detach()))
+        align = losses.soft_alignment_loss(
+            split.v_s, split.t_s, w, config.tau, config.target_tau, config.identity_mix, soft=config.soft_targets
         )
-        critic_optimizer.zero_grad(set_to_none=True)
-        critic_loss.backward()
-        critic_optimizer.step()
-
-        align = losses.soft_alignment_loss(split.v_s, split.t_s, w, config.tau, config.target_tau, config.identity_mix)
-        dis = (
-            losses.vclub_upper_bound(critics.club_image, split.v_s, split.v_x)
-            + losses.vclub_upper_bound(critics.club_text, split.t_s, split.t_x)
-            + config.lambda_adv
-            * (
-                losses.confusion_loss(critics.disc_image_mei(split.v_x, split.t_s.detach()))
-                + losses.confusion_loss(critics.disc_text_mei(split.t_x, split.v_s.detach()))
-            )
-        )
-        rec_v, rec_t = model.heads.reconstruct(split)
-        reg = losses.reconstruction_loss(rec_v, f_v) + losses.reconstruction_loss(rec_t, f_t)
-        loss = align + config.lambda_dis * dis + config.lambda_reg * reg
-        parts = {"align": align.item(), "dis": dis.item(), "reg": reg.item()}
+        loss, parts = align, {"align": align.item()}
+        if config.lambda_dis > 0:
+            _critic_step(critics, split, critic_optimizer)
+            dis = _disentanglement_loss(critics, split, config.lambda_adv)
+            loss = loss + config.lambda_dis * dis
+            parts["dis"] = dis.item()
+        if config.lambda_reg > 0:
+            rec_v, rec_t = model.heads.reconstruct(split)
+            reg = losses.reconstruction_loss(rec_v, f_v) + losses.reconstruction_loss(rec_t, f_t)
+            loss = loss + config.lambda_reg * reg
+            parts["reg"] = reg.item()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         schedule.step()
         totals.update(parts, loss=loss.item())
     return {k: v / len(batches) for k, v in totals.items()}
+
+
+def _critic_step(critics: DisNCLCritics, split, optimizer) -> None:
+    """Estimators first, on detached outputs: vCLUB's q(x|s) by likelihood, the discriminators
+    by matching (the alternating updates of DESIGN.md section 2)."""
+    s = {k: v.detach() for k, v in vars(split).items()}
+    loss = (
+        -losses.gaussian_log_likelihood(critics.club_image, s["v_s"], s["v_x"])
+        - losses.gaussian_log_likelihood(critics.club_text, s["t_s"], s["t_x"])
+        + losses.matching_loss(critics.disc_image_mei(s["v_x"], s["t_s"]))
+        + losses.matching_loss(critics.disc_text_mei(s["t_x"], s["v_s"]))
+    )
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+
+
+def _disentanglement_loss(critics: DisNCLCritics, split, lambda_adv: float) -> torch.Tensor:
+    """L_Dis: vCLUB bounds on I(V_S; V_X) and I(T_S; T_X), plus the MEI heads' adversarial term
+    (the MII side is detached there: only the MEI heads are trained to defeat the discriminator)."""
+    return (
+        losses.vclub_upper_bound(critics.club_image, split.v_s, split.v_x)
+        + losses.vclub_upper_bound(critics.club_text, split.t_s, split.t_x)
+        + lambda_adv
+        * (
+            losses.confusion_loss(critics.disc_image_mei(split.v_x, split.t_s.detach()))
+            + losses.confusion_loss(critics.disc_text_mei(split.t_x, split.v_s.detach()))
+        )
+    )
 
 
 def _finalise(model: NcleanerModel, data: TrainingSet, config: DisNCLConfig, rng: np.random.Generator) -> None:

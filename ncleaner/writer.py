@@ -57,13 +57,40 @@ def prepare_output_dir(out_dir: str | Path, force: bool, owned: Sequence[str] = 
     return out
 
 
-class ShardSink:
-    """Writes samples to ``DIR/{:05d}.tar`` shards of at most ``maxcount`` samples.
+class ShardFile:
+    """One shard written under a temporary name and renamed into place by ``close``.
 
-    Each shard is written under a temporary name and renamed when it is
-    complete, so an interrupted run never leaves a half shard with a final name
-    (DESIGN.md section 5).
+    An interrupted run never leaves a half shard with a final name (DESIGN.md section 5);
+    ``abort`` removes the partial file.
     """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self._tmp = self.path.with_name(f".{self.path.name}.partial")
+        self._writer = wds.TarWriter(str(self._tmp), encoder=False, mtime=FIXED_MTIME)
+
+    def write(self, sample: dict) -> None:
+        """Write one sample: ``__key__`` plus ``extension -> bytes`` members."""
+        self._writer.write(sample)
+
+    def close(self) -> Path:
+        self._writer.close()
+        os.replace(self._tmp, self.path)
+        return self.path
+
+    def abort(self) -> None:
+        self._writer.close()
+        self._tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> ShardFile:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.close() if exc_type is None else self.abort()
+
+
+class ShardSink:
+    """Writes samples to ``DIR/{:05d}.tar`` shards of at most ``maxcount`` samples, each a ``ShardFile``."""
 
     def __init__(self, out_dir: str | os.PathLike, maxcount: int = 10_000):
         if maxcount < 1:
@@ -73,32 +100,23 @@ class ShardSink:
         self.maxcount = maxcount
         self.paths: list[Path] = []
         self.count = 0
-        self._writer: wds.TarWriter | None = None
+        self._shard: ShardFile | None = None
         self._in_shard = 0
 
     def write(self, sample: dict) -> None:
         """Write one sample: ``__key__`` plus ``extension -> bytes`` members."""
-        if self._writer is None or self._in_shard >= self.maxcount:
-            self._roll()
-        self._writer.write(sample)
+        if self._shard is None or self._in_shard >= self.maxcount:
+            self._finish()
+            self._shard = ShardFile(self.out_dir / f"{len(self.paths):05d}.tar")
+            self._in_shard = 0
+        self._shard.write(sample)
         self._in_shard += 1
         self.count += 1
 
-    def _roll(self) -> None:
-        self._finish()
-        final = self.out_dir / f"{len(self.paths):05d}.tar"
-        self._tmp = final.with_name(f".{final.name}.partial")
-        self._final = final
-        self._writer = wds.TarWriter(str(self._tmp), encoder=False, mtime=FIXED_MTIME)
-        self._in_shard = 0
-
     def _finish(self) -> None:
-        if self._writer is None:
-            return
-        self._writer.close()
-        os.replace(self._tmp, self._final)
-        self.paths.append(self._final)
-        self._writer = None
+        if self._shard is not None:
+            self.paths.append(self._shard.close())
+            self._shard = None
 
     def close(self) -> list[Path]:
         """Finish the current shard and return the paths of all shards written."""
@@ -111,8 +129,6 @@ class ShardSink:
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:
             self.close()
-        elif self._writer is not None:
-            # Leave no partial shard behind when the run fails.
-            self._writer.close()
-            self._tmp.unlink(missing_ok=True)
-            self._writer = None
+        elif self._shard is not None:
+            self._shard.abort()
+            self._shard = None
