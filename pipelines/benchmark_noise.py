@@ -82,8 +82,10 @@ def main() -> None:
         noisy_dir = work / f"train_{rate}"
         inject_noise(str(work / "train_clean"), noisy_dir, rate, seed=args.seed, force=True)
         for method in methods:
-            rows.extend(run_method(method, rate, noisy_dir, work, args))
-            print(format_row(rows[-1]), flush=True)
+            new_rows = run_method(method, rate, noisy_dir, work, args)
+            rows.extend(new_rows)
+            for row in new_rows:
+                print(format_row(row), flush=True)
 
     table = markdown(rows)
     header = [

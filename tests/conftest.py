@@ -62,6 +62,10 @@ def small_model(small_shards, tmp_path_factory) -> Path:
     return out
 
 
+# What decoding makes of messy_shard's samples a0..a7, in order.
+MESSY_STATUSES = ["ok", "bad_image", "missing_caption", "missing_image", "ok", "ok", "bad_json", "ok"]
+
+
 @pytest.fixture(scope="session")
 def messy_shard(tmp_path_factory) -> Path:
     """One shard with every kind of problem a crawl produces, next to good samples."""

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
-from conftest import SAMPLE_DATA, run_cli, tar_members
+from conftest import MESSY_STATUSES, SAMPLE_DATA, run_cli, tar_members
 
 from ncleaner.evaluate import detection_metrics, truth_from_report
 from ncleaner.report import report_schema
@@ -23,17 +23,7 @@ def sample_run(tmp_path_factory):
     """The demo's three commands on sample_data/ with default settings (about two minutes on 2 cores)."""
     root = tmp_path_factory.mktemp("sample_run")
     fit = run_cli("fit", SAMPLE_DATA, "--out", root / "model", "--quiet")
-    score = run_cli(
-        "score",
-        SAMPLE_DATA,
-        "--model",
-        root / "model",
-        "--out",
-        root / "report",
-        "--keep-json-fields",
-        "ncleaner_noisy",
-        "--quiet",
-    )
+    score = _score_sample_data(root)
     filt = run_cli(
         "filter",
         SAMPLE_DATA,
@@ -46,6 +36,11 @@ def sample_run(tmp_path_factory):
         root / "rejected",
     )
     return {"root": root, "fit": fit.output, "score": score.output, "filter": filt.output}
+
+
+def _score_sample_data(root):
+    return run_cli("score", SAMPLE_DATA, "--model", root / "model", "--out", root / "report",
+                   "--keep-json-fields", "ncleaner_noisy", "--quiet")  # fmt: skip
 
 
 def _samples(spec) -> dict[str, dict[str, bytes]]:
@@ -112,17 +107,7 @@ def test_auto_filter_removes_most_noise(sample_run):
 def test_rerun_of_score_skips_finished_shards(sample_run):
     root = sample_run["root"]
     before = {p.name: p.stat().st_mtime_ns for p in (root / "report").glob("*.parquet")}
-    result = run_cli(
-        "score",
-        SAMPLE_DATA,
-        "--model",
-        root / "model",
-        "--out",
-        root / "report",
-        "--keep-json-fields",
-        "ncleaner_noisy",
-        "--quiet",
-    )
+    result = _score_sample_data(root)
     assert "1600 rows from 4 shard(s)" in result.output
     assert {p.name: p.stat().st_mtime_ns for p in (root / "report").glob("*.parquet")} == before
 
@@ -192,16 +177,7 @@ def test_filter_needs_exactly_one_rule(tmp_path, small_shards, small_model):
 def test_bad_samples_are_reported_and_rejected_never_dropped(messy_shard, small_model, tmp_path):
     run_cli("score", messy_shard, "--model", small_model, "--out", tmp_path / "r", "--quiet")
     report = pd.read_parquet(tmp_path / "r")
-    assert report["status"].tolist() == [
-        "ok",
-        "bad_image",
-        "missing_caption",
-        "missing_image",
-        "ok",
-        "ok",
-        "bad_json",
-        "ok",
-    ]
+    assert report["status"].tolist() == MESSY_STATUSES
     assert report.loc[report["status"] != "ok", SCORE_COLUMNS].isna().all().all()
     assert report.loc[report["status"] == "ok", SCORE_COLUMNS].notna().all().all()
     run_cli(

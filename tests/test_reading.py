@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import jpeg_bytes, write_tar
+from conftest import MESSY_STATUSES, jpeg_bytes, write_tar
 
 from ncleaner.backbone import build_backbone
 from ncleaner.decode import decode_pair
@@ -76,16 +76,7 @@ def preprocess():
 
 def test_decode_statuses(messy_shard, preprocess):
     pairs = [decode_pair(s, preprocess) for s in read_shard(str(messy_shard))]
-    assert [p.status for p in pairs] == [
-        "ok",
-        "bad_image",
-        "missing_caption",
-        "missing_image",
-        "ok",
-        "ok",
-        "bad_json",
-        "ok",
-    ]
+    assert [p.status for p in pairs] == MESSY_STATUSES
     assert pairs[0].caption == "a red square" and pairs[0].url == "http://x/a0.jpg"
     assert pairs[4].caption == "a caption from json" and pairs[4].url == "http://x/a4"
     assert pairs[5].caption == "a png image"  # broken json does not matter when txt has the caption
