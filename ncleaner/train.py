@@ -111,8 +111,8 @@ def fit(
     device = resolve_device(device)
     model = NcleanerModel.create(config, device)
     data = load_training_set(urls, model, config.batch_size, progress)
-    n = 0 if data.statuses.get("ok", 0) == 0 else len(data)
-    if n < 2 * 2:
+    n = data.statuses.get("ok", 0)
+    if n < 4:
         raise NcleanerError(f"{urls[0]}{' ...' if len(urls) > 1 else ''}: only {n} usable pairs; need at least 4")
     bad = {k: v for k, v in data.statuses.items() if k != "ok"}
     if bad:

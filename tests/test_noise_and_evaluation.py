@@ -198,6 +198,7 @@ def test_benchmark_harness_produces_every_row(tmp_path):
         ("w/o soft targets", "score"),
         ("w/o noise weights", "score"),
         ("NCR-style InfoNCE + loss mixture", "loss mixture"),
+        ("NCR-style InfoNCE + loss mixture", "mii_sim"),
     }
     text = out.read_text()
     assert "Command: `python pipelines/benchmark_noise.py" in text and text.count("\n| 0.4 |") == len(rows)
