@@ -47,7 +47,7 @@ class DisNCLConfig:
     # Loss weights: L = L_align + lambda_dis * L_Dis + lambda_reg * L_reg.
     lambda_dis: float = 0.1
     lambda_adv: float = 1.0
-    lambda_reg: float = 0.1
+    lambda_reg: float = 0.01
 
     # Optimisation.
     epochs: int = 12
