@@ -10,6 +10,7 @@ the tests run offline on a CPU; it is not a substitute for a real backbone.
 from __future__ import annotations
 
 import logging
+import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +47,11 @@ def build_backbone(name: str, pretrained: str | None, device: str | torch.device
     """Create the open_clip model ``name`` with weights from ``pretrained`` (tag or path) or random."""
     if name not in open_clip.list_models() and not name.startswith(("hf-hub:", "local-dir:")):
         raise NcleanerError(f"{name}: not an open_clip model name (see open_clip.list_models())")
+    if pretrained and not os.path.isfile(pretrained) and name in open_clip.list_models():
+        tags = open_clip.list_pretrained_tags_by_model(name)
+        if pretrained not in tags:
+            known = f"its tags: {', '.join(tags)}" if tags else "it has no open_clip tags"
+            raise NcleanerError(f"{pretrained}: neither a checkpoint file nor a pretrained tag of {name} ({known})")
     try:
         with _quiet_random_init():
             model, _, preprocess = open_clip.create_model_and_transforms(

@@ -64,10 +64,11 @@ def truth_from_file(report: pd.DataFrame, path: str | Path) -> np.ndarray:
     """Per-row noisy flags from a parquet with ``key`` and ``noisy`` columns (``inject-noise`` writes one)."""
     try:
         truth = pd.read_parquet(path, columns=["key", "noisy"])
+    except FileNotFoundError as exc:
+        raise NcleanerError(f"{path}: no such ground-truth file") from exc
     except Exception as exc:
-        raise NcleanerError(
-            f"{path}: cannot read ground truth ({exc.__class__.__name__}: key and noisy columns)"
-        ) from exc
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise NcleanerError(f"{path}: cannot read ground truth (needs key and noisy columns): {reason}") from exc
     if truth["key"].duplicated().any():
         raise NcleanerError(f"{path}: keys are not unique, cannot match report rows")
     noisy = report["key"].map(truth.set_index("key")["noisy"])

@@ -241,3 +241,9 @@ def test_cuda_request_without_cuda_is_a_one_line_error(tmp_path, small_shards):
         pytest.skip("this machine has CUDA")
     result = run_cli("fit", small_shards, "--out", tmp_path / "m", "--device", "cuda", "--quiet", ok=False)
     assert result.exit_code != 0 and "CUDA is not available" in result.output
+
+
+def test_unknown_pretrained_weights_are_a_one_line_error(tmp_path, small_shards):
+    result = run_cli("fit", small_shards, "--out", tmp_path / "m", "--pretrained", tmp_path / "none.pt", ok=False)
+    assert result.exit_code != 0 and "neither a checkpoint file nor a pretrained tag" in result.output
+    assert len(result.output.strip().splitlines()) == 1

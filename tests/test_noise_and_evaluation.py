@@ -204,3 +204,9 @@ def test_benchmark_harness_produces_every_row(tmp_path):
     assert "Command: `python pipelines/benchmark_noise.py" in text and text.count("\n| 0.4 |") == len(rows)
     for r in rows:
         assert 0 <= r["auroc"] <= 1 and r["fit_seconds"] > 0
+
+
+def test_missing_truth_file_is_a_one_line_error(small_shards, small_model, tmp_path):
+    run_cli("score", small_shards, "--model", small_model, "--out", tmp_path / "r", "--quiet")
+    result = run_cli("evaluate", "--report", tmp_path / "r", "--truth", tmp_path / "none.parquet", ok=False)
+    assert result.exit_code != 0 and "no such ground-truth file" in result.output
