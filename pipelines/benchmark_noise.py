@@ -115,7 +115,7 @@ def main() -> None:
         "clip_sim, the raw backbone space). Fit s: wall time of the fit.",
         "",
     ]
-    text = "\n".join(header) + table + "\n"
+    text = "\n".join(header) + "\n" + table + "\n"
     print()
     print(table)
     out = Path(args.out)
