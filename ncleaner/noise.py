@@ -16,7 +16,7 @@ import pandas as pd
 
 from .decode import JSON_CAPTION_FIELDS, read_text_fields
 from .errors import NcleanerError
-from .shards import expand_shards, read_shard, shard_names
+from .shards import expand_shards, read_shard, read_shards, shard_names
 from .writer import SHARD_OUTPUTS, ShardFile, prepare_output_dir
 
 TRUTH_FILE = "noise_truth.parquet"
@@ -80,7 +80,7 @@ def inject_noise(
     if not 0.0 <= rate <= 1.0:
         raise NcleanerError(f"--rate {rate}: must be in [0, 1]")
     urls = expand_shards(shards)
-    captions = [read_text_fields(raw)[0] for url in urls for raw in read_shard(url)]
+    captions = [read_text_fields(raw)[0] for raw in read_shards(urls)]
     eligible = np.flatnonzero([c is not None for c in captions])
     if len(eligible) < 2:
         raise NcleanerError(f"{urls[0]}: {len(eligible)} sample(s) with a caption; need at least two to permute")

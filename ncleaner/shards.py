@@ -106,6 +106,12 @@ def read_shard(url: str) -> Iterator[RawSample]:
         raise NcleanerError(f"{url}: cannot read shard: {_reason(exc)}") from exc
 
 
+def read_shards(urls: Iterable[str]) -> Iterator[RawSample]:
+    """The samples of several shards, one shard after the other, each in its own order."""
+    for url in urls:
+        yield from read_shard(url)
+
+
 def _reason(exc: Exception) -> str:
     first = exc.args[0] if exc.args else ""
     text = str(first).split(" @ ")[0].strip() if first else type(exc).__name__

@@ -30,7 +30,7 @@ from .errors import NcleanerError
 from .heads import DisNCLCritics
 from .mixture import TwoComponentMixture
 from .model import MODEL_FILES, Calibration, NcleanerModel, soft_agreement
-from .shards import expand_shards, read_shard
+from .shards import expand_shards, read_shards
 from .writer import prepare_output_dir
 
 
@@ -62,7 +62,7 @@ def load_training_set(urls: list[str], model: NcleanerModel, batch_size: int, pr
     """Read and decode every shard once; cache features (frozen) or inputs (trained backbone)."""
     data = TrainingSet()
     feats_v, feats_t, images, tokens = [], [], [], []
-    pairs = decode_stream((raw for url in urls for raw in read_shard(url)), model.backbone.preprocess)
+    pairs = decode_stream(read_shards(urls), model.backbone.preprocess)
     bar = tqdm(desc="encoding" if not model.trains_backbone else "decoding", unit="pair", disable=not progress)
     for block in batched(pairs, batch_size):
         data.statuses.update(p.status for p in block)

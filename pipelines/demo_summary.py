@@ -14,7 +14,7 @@ from pathlib import Path
 from ncleaner.evaluate import detection_metrics, kept_set_metrics, truth_from_report
 from ncleaner.filtering import MANIFEST
 from ncleaner.report import read_report
-from ncleaner.shards import read_shard
+from ncleaner.shards import read_shards
 
 
 def main(demo_dir: str) -> None:
@@ -53,7 +53,7 @@ def main(demo_dir: str) -> None:
 
 
 def _kept_keys(clean_dir: Path, manifest: dict) -> set[str]:
-    return {raw.key for name in manifest["kept_shards"] for raw in read_shard(str(clean_dir / name))}
+    return {raw.key for raw in read_shards(str(clean_dir / name) for name in manifest["kept_shards"])}
 
 
 if __name__ == "__main__":

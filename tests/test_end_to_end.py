@@ -13,7 +13,7 @@ from conftest import MESSY_STATUSES, SAMPLE_DATA, run_cli, tar_members
 
 from ncleaner.evaluate import detection_metrics, truth_from_report
 from ncleaner.report import report_schema
-from ncleaner.shards import expand_shards, read_shard
+from ncleaner.shards import expand_shards, read_shards
 
 SCORE_COLUMNS = ["clip_sim", "mii_sim", "soft_agreement", "score", "clean_prob"]
 
@@ -44,7 +44,7 @@ def _score_sample_data(root):
 
 
 def _samples(spec) -> dict[str, dict[str, bytes]]:
-    return {s.key: s.members for url in expand_shards(str(spec)) for s in read_shard(url)}
+    return {s.key: s.members for s in read_shards(expand_shards(str(spec)))}
 
 
 def test_model_directory_holds_weights_config_and_calibration(sample_run):
@@ -62,7 +62,7 @@ def test_report_has_one_row_per_sample_in_shard_order_with_the_design_schema(sam
     for f in files:
         assert pq.read_schema(f).equals(report_schema(["ncleaner_noisy"]), check_metadata=False)
     report = pd.read_parquet(report_dir)
-    expected = [(url, s.index, s.key) for url in expand_shards(str(SAMPLE_DATA)) for s in read_shard(url)]
+    expected = [(s.shard, s.index, s.key) for s in read_shards(expand_shards(str(SAMPLE_DATA)))]
     assert list(zip(report["shard"], report["index"], report["key"], strict=True)) == expected
     assert (report["status"] == "ok").all()
     assert report[SCORE_COLUMNS].notna().all().all()
