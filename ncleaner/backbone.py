@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import TINY_BACKBONE  # noqa: F401  (re-exported: the name this module registers)
-from .errors import NcleanerError
+from .errors import NcleanerError, first_line
 
 open_clip.add_model_config(Path(__file__).parent / "model_configs")
 
@@ -58,8 +58,7 @@ def build_backbone(name: str, pretrained: str | None, device: str | torch.device
                 name, pretrained=pretrained or None, device=device
             )
     except Exception as exc:  # open_clip raises RuntimeError, OSError, hub errors...
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise NcleanerError(f"{name} ({pretrained or 'random init'}): cannot load backbone: {reason}") from exc
+        raise NcleanerError(f"{name} ({pretrained or 'random init'}): cannot load backbone: {first_line(exc)}") from exc
     tokenizer = open_clip.get_tokenizer(name)
     embed_dim = _embed_dim(model)
     return Backbone(model=model, preprocess=preprocess, tokenizer=tokenizer, embed_dim=embed_dim)

@@ -1,6 +1,12 @@
 """The one exception type the CLI turns into a one-line message."""
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message, or its type name when it has none."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 class NcleanerError(Exception):
     """A user-facing failure: bad input, a missing file, a refused overwrite.
 

@@ -20,9 +20,9 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 
 from .backbone import resolve_device
 from .decode import Pair, batched, decode_stream
-from .errors import NcleanerError
+from .errors import NcleanerError, first_line
 from .model import SCORE_COLUMNS, NcleanerModel
-from .shards import expand_shards, read_shard
+from .shards import expand_shards, read_shards
 
 
 def truth_from_report(report: pd.DataFrame, field: str = "ncleaner_noisy") -> np.ndarray:
@@ -67,8 +67,9 @@ def truth_from_file(report: pd.DataFrame, path: str | Path) -> np.ndarray:
     except FileNotFoundError as exc:
         raise NcleanerError(f"{path}: no such ground-truth file") from exc
     except Exception as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise NcleanerError(f"{path}: cannot read ground truth (needs key and noisy columns): {reason}") from exc
+        raise NcleanerError(
+            f"{path}: cannot read ground truth (needs key and noisy columns): {first_line(exc)}"
+        ) from exc
     if truth["key"].duplicated().any():
         raise NcleanerError(f"{path}: keys are not unique, cannot match report rows")
     noisy = report["key"].map(truth.set_index("key")["noisy"])
@@ -117,7 +118,7 @@ def encode_shards(
     in shard order, and the number of samples left out."""
     keep = keep or (lambda pair: True)
     raw_v, raw_t, skipped = [], [], 0
-    pairs = decode_stream((r for u in expand_shards(shards) for r in read_shard(u)), model.backbone.preprocess)
+    pairs = decode_stream(read_shards(expand_shards(shards)), model.backbone.preprocess)
     for block in batched(pairs, batch_size):
         ok = [p for p in block if p.ok and keep(p)]
         skipped += len(block) - len(ok)

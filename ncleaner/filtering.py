@@ -49,7 +49,7 @@ def make_rule(
     column: str,
 ) -> Rule:
     """Resolve exactly one of --threshold, --keep-fraction, --auto into a threshold on a column."""
-    given = sum(x is not None and x is not False for x in (threshold, keep_fraction, auto or None))
+    given = (threshold is not None) + (keep_fraction is not None) + bool(auto)
     if given != 1:
         raise NcleanerError("give exactly one of --threshold, --keep-fraction or --auto")
     if auto:
