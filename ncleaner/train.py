@@ -187,16 +187,27 @@ def _mii_similarity(model: NcleanerModel, data: TrainingSet, batch_size: int) ->
     return losses.mii_similarity(v_s, t_s).numpy()
 
 
+def epoch_batches(n: int, batch_size: int, rng: np.random.Generator) -> list[torch.Tensor]:
+    """A random split of ``range(n)`` into batches: every pair exactly once per epoch.
+
+    A short last batch joins the one before it (a tiny batch has too few negatives for a
+    contrastive loss), so there are ``max(1, n // batch_size)`` batches, which is the step
+    count the learning-rate schedule is built for.
+    """
+    order = torch.from_numpy(rng.permutation(n))
+    batches = list(order.split(batch_size))
+    if len(batches) > 1 and len(batches[-1]) < batch_size:
+        last = batches.pop()
+        batches[-1] = torch.cat([batches[-1], last])
+    return batches
+
+
 def _train_epoch(model, critics, data, weights, optimizer, critic_optimizer, schedule, rng, epoch, progress):
     config = model.config
     model.train()
     if not model.trains_backbone:
         model.clip.eval()
-    n = len(data)
-    order = torch.from_numpy(rng.permutation(n))
-    batches = [order[i : i + config.batch_size] for i in range(0, n, config.batch_size)]
-    if len(batches) > 1 and len(batches[-1]) < config.batch_size:
-        batches[-2] = torch.cat([batches[-2], batches.pop()])  # no tiny last batch: it has too few negatives
+    batches = epoch_batches(len(data), config.batch_size, rng)
     totals = Counter()
     device = model.bank_v.device
     for idx in tqdm(batches, desc=f"epoch {epoch + 1}", unit="batch", disable=not progress, leave=False):
