@@ -4,18 +4,27 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
+import math
 import sys
 from pathlib import Path
 
 import click
 
 from . import __version__
-from .config import TRAIN_BACKBONE_CHOICES, DisNCLConfig
-from .errors import NcleanerError
+from .config import DEFAULT_MAX_IMAGE_PIXELS, TRAIN_BACKBONE_CHOICES, DisNCLConfig
+from .errors import NcleanerError, first_line
+
+EXIT_INTERRUPTED = 130
 
 
 def user_errors(fn):
-    """Print NcleanerError (bad input, missing files) as one line and exit 1, never a traceback."""
+    """Bad input, an unwritable output or Ctrl-C end in one line, never a traceback.
+
+    NcleanerError and OSError exit 1 with the message; Ctrl-C exits 130. Every
+    output is written under a temporary name first, so an interrupted command
+    leaves nothing incomplete under a final name.
+    """
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -23,18 +32,68 @@ def user_errors(fn):
             return fn(*args, **kwargs)
         except NcleanerError as exc:
             raise click.ClickException(str(exc)) from None
+        except OSError as exc:
+            where = f"{exc.filename}: " if exc.filename else ""
+            raise click.ClickException(f"{where}{exc.strerror or first_line(exc)}") from None
+        except KeyboardInterrupt:
+            click.echo("interrupted: nothing incomplete was left under a final name", err=True)
+            sys.exit(EXIT_INTERRUPTED)
 
     return wrapper
+
+
+class _EchoHandler(logging.Handler):
+    """Library log records on stderr, through click so that the current stderr is used."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        prefix = "warning: " if record.levelno >= logging.WARNING else ""
+        click.echo(prefix + record.getMessage(), err=True)
+
+
+def _show_library_logs() -> None:
+    package = logging.getLogger("ncleaner")
+    if not any(isinstance(h, _EchoHandler) for h in package.handlers):
+        package.addHandler(_EchoHandler())
+        package.setLevel(logging.INFO)
 
 
 def _log(quiet: bool):
     return (lambda _msg: None) if quiet else (lambda msg: click.echo(msg, err=True))
 
 
+def _finite(ctx, param, value):
+    if value is not None and not math.isfinite(value):
+        raise click.BadParameter(f"{value} is not a finite number")
+    return value
+
+
 device_option = click.option(
     "--device", default="auto", show_default=True, help="cpu, cuda, cuda:N, or auto (CUDA when present)."
 )
 quiet_option = click.option("--quiet", "-q", is_flag=True, help="No progress bars or per-epoch lines.")
+bad_shard_option = click.option(
+    "--on-bad-shard",
+    type=click.Choice(["fail", "skip"]),
+    default="fail",
+    show_default=True,
+    help="A shard that cannot be read: fail stops with its name; skip records it and goes on.",
+)
+max_pixels_option = click.option(
+    "--max-image-pixels",
+    type=click.IntRange(min=1),
+    default=DEFAULT_MAX_IMAGE_PIXELS,
+    show_default=True,
+    help="Images with more pixels are not decoded (status too_large): a guard against decompression bombs.",
+)
+
+
+def _shard_notes(skipped: dict[str, str], truncated: list[str]) -> str:
+    notes = []
+    if skipped:
+        notes.append(f"{len(skipped)} unreadable shard(s) skipped")
+    if truncated:
+        notes.append(f"{len(truncated)} truncated shard(s) flagged: {', '.join(truncated[:3])}")
+    return ("; " + "; ".join(notes)) if notes else ""
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -45,6 +104,7 @@ def main():
     fit trains a DisNCL model on your shards, score writes a Parquet report with one row per
     pair, filter writes new shards holding the pairs you keep.
     """
+    _show_library_logs()
 
 
 @main.command()
@@ -79,7 +139,9 @@ def main():
 @click.option("--lr", type=float, default=DisNCLConfig.lr, show_default=True, help="Learning rate of the heads.")
 @click.option("--seed", type=int, default=DisNCLConfig.seed, show_default=True)
 @device_option
-@click.option("--force", is_flag=True, help="Overwrite an existing model directory.")
+@click.option("--force", is_flag=True, help="Replace an existing model directory (only the files fit writes).")
+@bad_shard_option
+@max_pixels_option
 @quiet_option
 @user_errors
 def fit(
@@ -95,6 +157,8 @@ def fit(
     seed,
     device,
     force,
+    on_bad_shard,
+    max_image_pixels,
     quiet,
 ):
     """Train a DisNCL model on SHARDS (no clean labels needed) and save it to --out.
@@ -114,11 +178,24 @@ def fit(
         lr=lr,
         seed=seed,
     )
-    result = run_fit(shards, out_dir, config, device=device, force=force, progress=not quiet, log=_log(quiet))
-    skipped = sum(v for k, v in result.statuses.items() if k != "ok")
+    result = run_fit(
+        shards,
+        out_dir,
+        config,
+        device=device,
+        force=force,
+        on_bad_shard=on_bad_shard,
+        max_image_pixels=max_image_pixels,
+        progress=not quiet,
+        log=_log(quiet),
+    )
+    unused = sum(v for k, v in result.statuses.items() if k != "ok")
+    truncated = result.statuses.get("truncated_shard", 0)
     click.echo(
         f"model {result.model_id} saved to {result.model_dir}: trained on {result.pairs_used} pairs"
-        + (f" ({skipped} could not be used)" if skipped else "")
+        + (f" ({unused} could not be used)" if unused else "")
+        + (f"; {truncated} pairs of truncated shards left out" if truncated else "")
+        + _shard_notes(result.skipped_shards, [])
     )
 
 
@@ -134,9 +211,13 @@ def fit(
     default="",
     help="Comma-separated json fields of each sample to copy into the report as text columns.",
 )
+@bad_shard_option
+@max_pixels_option
 @quiet_option
 @user_errors
-def score(shards, model_dir, out_dir, batch_size, device, overwrite, keep_json_fields, quiet):
+def score(
+    shards, model_dir, out_dir, batch_size, device, overwrite, keep_json_fields, on_bad_shard, max_image_pixels, quiet
+):
     """Score every pair of SHARDS and write a Parquet report (one row per pair, one file per shard).
 
     Pairs that cannot be scored (corrupt image, missing caption...) get a row too, with a status
@@ -153,14 +234,16 @@ def score(shards, model_dir, out_dir, batch_size, device, overwrite, keep_json_f
         device=device,
         overwrite=overwrite,
         keep_json_fields=fields,
+        on_bad_shard=on_bad_shard,
+        max_image_pixels=max_image_pixels,
         progress=not quiet,
-        log=_log(quiet),
     )
     not_ok = {k: v for k, v in result.statuses.items() if k != "ok"}
     click.echo(
         f"report {result.report_dir}: {result.rows} rows from {len(result.scored_shards) + len(result.skipped_shards)}"
         f" shard(s), model {result.model_id}"
         + ("; not scored: " + ", ".join(f"{v} {k}" for k, v in sorted(not_ok.items())) if not_ok else "")
+        + _shard_notes(result.failed_shards, result.truncated_shards)
     )
 
 
@@ -168,7 +251,9 @@ def score(shards, model_dir, out_dir, batch_size, device, overwrite, keep_json_f
 @click.argument("shards", nargs=-1, required=True)
 @click.option("--report", "report_dir", required=True, type=click.Path(), help="Report directory written by score.")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Directory for kept shards.")
-@click.option("--threshold", type=float, default=None, help="Keep pairs whose --column is >= this value.")
+@click.option(
+    "--threshold", type=float, default=None, callback=_finite, help="Keep pairs whose --column is >= this value."
+)
 @click.option("--keep-fraction", type=float, default=None, help="Keep this fraction of pairs, best --column first.")
 @click.option("--auto", is_flag=True, help="Keep pairs the model judges clean (clean_prob >= 0.5).")
 @click.option(
@@ -186,9 +271,16 @@ def score(shards, model_dir, out_dir, batch_size, device, overwrite, keep_json_f
 @click.option(
     "--maxcount", type=click.IntRange(min=1), default=10_000, show_default=True, help="Samples per output shard."
 )
-@click.option("--force", is_flag=True, help="Replace shards an earlier filter run wrote to --out / --rejected-out.")
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Replace what an earlier filter run wrote to --out / --rejected-out (per its manifest).",
+)
+@bad_shard_option
 @user_errors
-def filter_cmd(shards, report_dir, out_dir, threshold, keep_fraction, auto, column, rejected_out, maxcount, force):
+def filter_cmd(
+    shards, report_dir, out_dir, threshold, keep_fraction, auto, column, rejected_out, maxcount, force, on_bad_shard
+):
     """Write the pairs of SHARDS that pass the rule as new shards, byte for byte, with a manifest.json.
 
     Give exactly one rule: --threshold, --keep-fraction or --auto. Pairs that could not be scored
@@ -207,6 +299,7 @@ def filter_cmd(shards, report_dir, out_dir, threshold, keep_fraction, auto, colu
         rejected_out=rejected_out,
         maxcount=maxcount,
         force=force,
+        on_bad_shard=on_bad_shard,
     )
     rule = result.rule
     reasons = ", ".join(f"{v} {k}" for k, v in sorted(result.rejected_by_reason.items()))
@@ -214,6 +307,7 @@ def filter_cmd(shards, report_dir, out_dir, threshold, keep_fraction, auto, colu
         f"kept {result.kept_count} of {result.input_count} pairs ({rule.column} >= {rule.threshold:.4g}) "
         f"in {len(result.kept_shards)} shard(s) under {result.out_dir}; rejected {result.rejected_count}"
         + (f" ({reasons})" if reasons else "")
+        + _shard_notes(result.skipped_shards, result.truncated_shards)
     )
 
 

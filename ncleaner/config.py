@@ -12,6 +12,10 @@ from . import __version__
 # A small from-scratch open_clip config registered by ncleaner.backbone, for offline demos and tests.
 TINY_BACKBONE = "ncleaner-tiny"
 TRAIN_BACKBONE_CHOICES = ("auto", "none", "all")
+# Decoding guard, not part of a model: 64 megapixels (8000 x 8000) is above anything a caption
+# dataset needs and below Pillow's own warning limit; a 33 KB PNG can declare 144 megapixels
+# and take 0.7 GB to decode.
+DEFAULT_MAX_IMAGE_PIXELS = 64_000_000
 
 
 @dataclass

@@ -13,3 +13,12 @@ class NcleanerError(Exception):
     The message names the file and the reason on one line; the CLI prints it
     without a traceback and exits non-zero.
     """
+
+
+class UnreadableShard(NcleanerError):
+    """A shard that cannot be opened, or holds no readable tar header at all.
+
+    Commands stop at it, or skip and record it with ``--on-bad-shard skip``. A
+    shard that is readable up to some point is not this: its samples are flagged
+    ``truncated_shard`` instead.
+    """

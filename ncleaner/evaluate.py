@@ -21,7 +21,8 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 from .backbone import resolve_device
 from .decode import Pair, batched, decode_stream
 from .errors import NcleanerError, first_line
-from .model import SCORE_COLUMNS, NcleanerModel
+from .model import NcleanerModel
+from .schema import SCORE_COLUMNS
 from .shards import expand_shards, read_shards
 
 

@@ -1,17 +1,20 @@
 """``filter``: write the kept (and optionally the rejected) samples as new shards.
 
-Guarantees (DESIGN.md section 5): kept + rejected = every input sample, counted
-in ``manifest.json``; every member of a written sample has the bytes, suffix and
-key it was read with; samples that could not be scored are rejected, never
-dropped; shards appear under their final names only once complete.
+Guarantees (docs/design.md, "The filter's guarantees"): kept + rejected = every
+sample read, counted in ``manifest.json``; every member of a written sample has
+the name, bytes and position it was read with; samples that could not be scored
+are rejected, never dropped; the output directory appears only once complete,
+and never where it could overwrite or delete an input.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import math
 import os
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -19,13 +22,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .errors import NcleanerError
-from .model import SCORE_COLUMNS
-from .report import report_paths
+from . import schema
+from .errors import NcleanerError, UnreadableShard
+from .schema import SCORE_COLUMNS, failed_marker, report_paths
 from .shards import expand_shards, read_shard, shard_names
-from .writer import ShardSink, atomic_write, prepare_output_dir
+from .writer import MANIFEST, ShardSink, StagedDir, check_outputs_apart_from_inputs, recorded_files, write_json
 
-MANIFEST = "manifest.json"
+logger = logging.getLogger(__name__)
+ON_BAD_SHARD = ("fail", "skip")
 
 
 @dataclass
@@ -38,30 +42,53 @@ class Rule:
     keep_fraction: float | None = None
 
     def keep(self, status: str, value) -> bool:
-        return status == "ok" and value is not None and not pd.isna(value) and float(value) >= self.threshold
+        return status == schema.OK and value is not None and not pd.isna(value) and float(value) >= self.threshold
+
+
+AUTO_RULE = Rule(column="clean_prob", threshold=0.5, mode="auto")
 
 
 def make_rule(
     reports: list[pd.DataFrame],
-    threshold: float | None,
-    keep_fraction: float | None,
-    auto: bool,
-    column: str,
+    *,
+    threshold: float | None = None,
+    keep_fraction: float | None = None,
+    auto: bool = False,
+    column: str = "score",
 ) -> Rule:
-    """Resolve exactly one of --threshold, --keep-fraction, --auto into a threshold on a column."""
+    """Resolve exactly one of --threshold, --keep-fraction, --auto into a threshold on a column.
+
+    A threshold outside the values the column takes is allowed (it keeps all or
+    nothing) but logged with the observed range, since it is usually a mistake.
+    """
     given = (threshold is not None) + (keep_fraction is not None) + bool(auto)
     if given != 1:
         raise NcleanerError("give exactly one of --threshold, --keep-fraction or --auto")
     if auto:
-        return Rule(column="clean_prob", threshold=0.5, mode="auto")
+        return AUTO_RULE
     if column not in SCORE_COLUMNS:
         raise NcleanerError(f"--column {column}: not a score column (one of {', '.join(SCORE_COLUMNS)})")
+    values = np.concatenate(
+        [r.loc[r["status"] == schema.OK, column].to_numpy(dtype=np.float64) for r in reports] or [np.empty(0)]
+    )
+    values = values[np.isfinite(values)]
     if threshold is not None:
+        if not math.isfinite(threshold):
+            raise NcleanerError(f"--threshold {threshold}: must be a finite number")
+        if len(values) and not values.min() <= threshold <= values.max():
+            logger.warning(
+                "--threshold %g lies outside the %s values of this report (%.4g to %.4g): "
+                "it keeps %d of %d scored pairs",
+                threshold,
+                column,
+                values.min(),
+                values.max(),
+                int((values >= threshold).sum()),
+                len(values),
+            )
         return Rule(column=column, threshold=float(threshold), mode="threshold")
     if not 0.0 < keep_fraction <= 1.0:
         raise NcleanerError(f"--keep-fraction {keep_fraction}: must be in (0, 1]")
-    values = np.concatenate([r.loc[r["status"] == "ok", column].to_numpy(dtype=np.float64) for r in reports])
-    values = values[np.isfinite(values)]
     if len(values) == 0:
         raise NcleanerError("no scored samples in the report: nothing to rank for --keep-fraction")
     # The k-th largest value: keeping >= it keeps the top fraction (more only on exact ties).
@@ -72,6 +99,8 @@ def make_rule(
 
 @dataclass
 class FilterResult:
+    """What ``filter_shards`` wrote, with the counts of its manifest."""
+
     out_dir: Path
     input_count: int
     kept_count: int
@@ -80,25 +109,55 @@ class FilterResult:
     rule: Rule
     kept_shards: list[str] = field(default_factory=list)
     rejected_shards: list[str] = field(default_factory=list)
+    skipped_shards: dict[str, str] = field(default_factory=dict)
+    truncated_shards: list[str] = field(default_factory=list)
 
 
-def load_shard_reports(report_dir: Path, urls: list[str]) -> list[pd.DataFrame]:
-    """The finished report of every input shard, in input order (one-line error for a missing one)."""
+def load_shard_reports(
+    report_dir: Path, urls: list[str], *, on_bad_shard: str = "fail"
+) -> tuple[dict[str, pd.DataFrame], dict[str, str]]:
+    """The finished report of every input shard, and the shards ``score`` could not read.
+
+    A shard without a finished report is an error, except one that ``score
+    --on-bad-shard skip`` recorded as unreadable when ``on_bad_shard`` is ``skip``.
+    A report holding rows of more than one model is refused: their scores cannot
+    be ranked against each other.
+    """
     if not report_dir.is_dir():
         raise NcleanerError(f"{report_dir}: no such report directory (run ncleaner score first)")
-    reports = []
+    reports, skipped = {}, {}
     for url, name in zip(urls, shard_names(urls), strict=True):
         table, marker = report_paths(report_dir, name)
-        if not marker.is_file() or not table.is_file():
-            raise NcleanerError(f"{table}: no finished report for shard {url} (run ncleaner score on it)")
-        reports.append(pd.read_parquet(table))
-    return reports
+        if marker.is_file() and table.is_file():
+            reports[url] = pd.read_parquet(table)
+            continue
+        failed = failed_marker(report_dir, name)
+        if failed.is_file() and on_bad_shard == "skip":
+            skipped[url] = _failure_reason(failed)
+            continue
+        why = f"score could not read it: {_failure_reason(failed)}" if failed.is_file() else "run ncleaner score on it"
+        raise NcleanerError(f"{table}: no finished report for shard {url} ({why})")
+    model_ids = sorted({m for r in reports.values() for m in r["model_id"].dropna().unique().tolist()})
+    if len(model_ids) > 1:
+        raise NcleanerError(
+            f"{report_dir}: holds scores of {len(model_ids)} models ({', '.join(model_ids)}); "
+            "re-score every shard with one model (ncleaner score --overwrite)"
+        )
+    return reports, skipped
+
+
+def _failure_reason(path: Path) -> str:
+    try:
+        return str(json.loads(path.read_text()).get("reason", "unreadable"))
+    except (OSError, ValueError, AttributeError):
+        return "unreadable"
 
 
 def filter_shards(
     shards: str | Iterable[str],
     report_dir: str | Path,
     out_dir: str | Path,
+    *,
     threshold: float | None = None,
     keep_fraction: float | None = None,
     auto: bool = False,
@@ -106,69 +165,130 @@ def filter_shards(
     rejected_out: str | Path | None = None,
     maxcount: int = 10_000,
     force: bool = False,
-    log: Callable[[str], None] = print,
+    on_bad_shard: str = "fail",
 ) -> FilterResult:
-    """Split ``shards`` into kept and rejected samples by the report's scores."""
+    """Split ``shards`` into kept and rejected samples by the report's scores.
+
+    Args:
+        shards: the SHARDS that were scored (any form ``expand_shards`` takes).
+        report_dir: the report ``score`` wrote for them.
+        out_dir: directory for the kept samples' shards and ``manifest.json``.
+        threshold, keep_fraction, auto: the rule; give exactly one (see ``make_rule``).
+        column: the score column ``threshold`` and ``keep_fraction`` apply to.
+        rejected_out: also write the rejected samples here, as shards with their own manifest.
+        maxcount: samples per output shard.
+        force: replace the output of an earlier ``filter`` run (only files its manifest lists).
+        on_bad_shard: ``fail`` (default) stops at a shard that cannot be read; ``skip``
+            records it in the manifest and goes on.
+    """
+    if on_bad_shard not in ON_BAD_SHARD:
+        raise NcleanerError(f"--on-bad-shard {on_bad_shard}: must be one of {', '.join(ON_BAD_SHARD)}")
     urls = expand_shards(shards)
+    check_outputs_apart_from_inputs([out_dir, rejected_out], urls)
+    if rejected_out is not None:
+        o, r = Path(out_dir).resolve(), Path(rejected_out).resolve()
+        if o == r or o.is_relative_to(r) or r.is_relative_to(o):
+            raise NcleanerError(f"{rejected_out}: --rejected-out must be apart from --out (not the same, not nested)")
     report_dir = Path(report_dir)
-    reports = load_shard_reports(report_dir, urls)
-    rule = make_rule(reports, threshold, keep_fraction, auto, column)
-    if rejected_out is not None and Path(rejected_out).resolve() == Path(out_dir).resolve():
-        raise NcleanerError(f"{rejected_out}: --rejected-out must differ from --out")
-    out = prepare_output_dir(out_dir, force)
-    rejected_dir = prepare_output_dir(rejected_out, force) if rejected_out is not None else None
+    reports, skipped = load_shard_reports(report_dir, urls, on_bad_shard=on_bad_shard)
+    rule = make_rule(list(reports.values()), threshold=threshold, keep_fraction=keep_fraction, auto=auto, column=column)
+
+    def owned(d: Path) -> set[str] | None:
+        return recorded_files(d, "filter")
 
     reasons: Counter = Counter()
+    truncated: list[str] = []
     with ExitStack() as stack:
-        kept = stack.enter_context(ShardSink(out, maxcount))
-        rejected = stack.enter_context(ShardSink(rejected_dir, maxcount)) if rejected_dir is not None else None
-        for url, report in zip(urls, reports, strict=True):
-            keys, statuses, values = report["key"].tolist(), report["status"].tolist(), report[rule.column].tolist()
-            n = 0
-            for raw in read_shard(url):
-                if n >= len(keys) or keys[n] != raw.key:
-                    raise NcleanerError(
-                        f"{url}: sample {n} ({raw.key}) does not match its report row; the shard changed "
-                        "since it was scored (run ncleaner score --overwrite)"
-                    )
-                sample = {"__key__": raw.key, **raw.members}
-                if rule.keep(statuses[n], values[n]):
-                    kept.write(sample)
-                else:
-                    reasons["below_threshold" if statuses[n] == "ok" else statuses[n]] += 1
-                    if rejected is not None:
-                        rejected.write(sample)
-                n += 1
-            if n != len(keys):
-                raise NcleanerError(f"{url}: has {n} samples but its report has {len(keys)} rows")
-
-    result = FilterResult(
-        out_dir=out,
-        input_count=sum(len(r) for r in reports),
-        kept_count=kept.count,
-        rejected_count=sum(reasons.values()),
-        rejected_by_reason=dict(reasons),
-        rule=rule,
-        kept_shards=[str(p) for p in kept.paths],
-        rejected_shards=[str(p) for p in rejected.paths] if rejected is not None else [],
-    )
-    _write_manifest(result, urls, report_dir, reports, rejected_dir)
+        kept_stage = stack.enter_context(StagedDir(out_dir, force=force, owned=owned))
+        rejected_stage = (
+            stack.enter_context(StagedDir(rejected_out, force=force, owned=owned)) if rejected_out is not None else None
+        )
+        kept = ShardSink(kept_stage.path, maxcount)
+        rejected = ShardSink(rejected_stage.path, maxcount) if rejected_stage is not None else None
+        with kept, rejected or ExitStack():
+            for url in urls:
+                if url in skipped:
+                    continue
+                try:
+                    damaged = _filter_shard(url, reports[url], rule, kept, rejected, reasons)
+                except UnreadableShard as exc:
+                    if on_bad_shard == "fail":
+                        raise
+                    skipped[url] = str(exc)
+                    logger.warning("skipped %s", exc)
+                    continue
+                if damaged:
+                    truncated.append(url)
+        result = FilterResult(
+            out_dir=Path(out_dir),
+            input_count=kept.count + sum(reasons.values()),
+            kept_count=kept.count,
+            rejected_count=sum(reasons.values()),
+            rejected_by_reason=dict(reasons),
+            rule=rule,
+            kept_shards=[str(Path(out_dir) / p.name) for p in kept.paths],
+            rejected_shards=[str(Path(rejected_out) / p.name) for p in rejected.paths] if rejected else [],
+            skipped_shards=skipped,
+            truncated_shards=truncated,
+        )
+        manifest = _manifest(result, urls, report_dir, reports, rejected_out)
+        if rejected_stage is not None:
+            write_json(
+                rejected_stage.path / MANIFEST, {**manifest, "role": "rejected", "files": _names(rejected.paths)}
+            )
+            rejected_stage.commit()
+        # The kept directory goes last: its manifest is what says the whole run finished.
+        write_json(kept_stage.path / MANIFEST, {**manifest, "role": "kept", "files": _names(kept.paths)})
+        kept_stage.commit()
     return result
 
 
-def _write_manifest(result: FilterResult, urls, report_dir: Path, reports, rejected_dir) -> None:
-    model_ids = sorted({m for r in reports for m in r["model_id"].dropna().unique().tolist()})
-    manifest = {
+def _filter_shard(url, report: pd.DataFrame, rule: Rule, kept, rejected, reasons: Counter) -> bool:
+    """Route one shard's samples by its report rows; True when the shard is damaged (truncated)."""
+    keys, statuses, values = report["key"].tolist(), report["status"].tolist(), report[rule.column].tolist()
+    reader = read_shard(url)
+    n = 0
+    for raw in reader:
+        if n >= len(keys) or keys[n] != raw.key:
+            raise NcleanerError(
+                f"{url}: sample {n} ({raw.key}) does not match its report row; the shard changed "
+                "since it was scored (run ncleaner score --overwrite)"
+            )
+        if rule.keep(statuses[n], values[n]):
+            kept.write_raw(raw)
+        else:
+            reasons["below_threshold" if statuses[n] == schema.OK else statuses[n]] += 1
+            if rejected is not None:
+                rejected.write_raw(raw)
+        n += 1
+    if n != len(keys):
+        raise NcleanerError(f"{url}: has {n} samples but its report has {len(keys)} rows")
+    flagged = n > 0 and all(s == schema.TRUNCATED_SHARD for s in statuses)
+    if bool(reader.damage) != flagged:
+        state = f"is damaged ({reader.damage})" if reader.damage else "is intact"
+        raise NcleanerError(f"{url}: {state} but its report says otherwise; the shard changed since it was scored")
+    return bool(reader.damage)
+
+
+def _names(paths) -> list[str]:
+    return [os.path.basename(p) for p in paths]
+
+
+def _manifest(result: FilterResult, urls, report_dir: Path, reports, rejected_out) -> dict:
+    model_ids = sorted({m for r in reports.values() for m in r["model_id"].dropna().unique().tolist()})
+    return {
+        "command": "filter",
         "input_shards": urls,
         "input_count": result.input_count,
         "kept_count": result.kept_count,
         "rejected_count": result.rejected_count,
         "rejected_by_reason": result.rejected_by_reason,
+        "skipped_shards": result.skipped_shards,
+        "truncated_shards": result.truncated_shards,
         "rule": asdict(result.rule),
-        "model_id": model_ids[0] if len(model_ids) == 1 else model_ids,
+        "model_id": model_ids[0] if model_ids else None,
         "report": str(report_dir),
-        "kept_shards": [os.path.basename(p) for p in result.kept_shards],
-        "rejected_out": str(rejected_dir) if rejected_dir is not None else None,
-        "rejected_shards": [os.path.basename(p) for p in result.rejected_shards],
+        "kept_shards": _names(result.kept_shards),
+        "rejected_out": str(rejected_out) if rejected_out is not None else None,
+        "rejected_shards": _names(result.rejected_shards),
     }
-    atomic_write(result.out_dir / MANIFEST, lambda tmp: Path(tmp).write_text(json.dumps(manifest, indent=2) + "\n"))

@@ -30,7 +30,6 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 CALIBRATION_FILE = "calibration.json"
 MODEL_FILES = (CONFIG_FILE, WEIGHTS_FILE, CALIBRATION_FILE)
-SCORE_COLUMNS = ("clip_sim", "mii_sim", "soft_agreement", "score", "clean_prob")
 
 
 @dataclass

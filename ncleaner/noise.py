@@ -14,10 +14,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from . import schema
 from .decode import JSON_CAPTION_FIELDS, read_text_fields
 from .errors import NcleanerError
-from .shards import expand_shards, read_shard, read_shards, shard_names
-from .writer import SHARD_OUTPUTS, ShardFile, prepare_output_dir
+from .shards import RawSample, expand_shards, read_shards, shard_names
+from .writer import MANIFEST, ShardFile, StagedDir, check_outputs_apart_from_inputs, recorded_files, write_json
 
 TRUTH_FILE = "noise_truth.parquet"
 
@@ -80,46 +81,68 @@ def inject_noise(
     if not 0.0 <= rate <= 1.0:
         raise NcleanerError(f"--rate {rate}: must be in [0, 1]")
     urls = expand_shards(shards)
-    captions = [read_text_fields(raw)[0] for raw in read_shards(urls)]
-    eligible = np.flatnonzero([c is not None for c in captions])
-    if len(eligible) < 2:
-        raise NcleanerError(f"{urls[0]}: {len(eligible)} sample(s) with a caption; need at least two to permute")
-    perm = caption_permutation(len(eligible), rate, np.random.default_rng(seed))
-    source = np.arange(len(captions))
-    source[eligible] = eligible[perm]
+    check_outputs_apart_from_inputs([out_dir], urls)
+    stage = StagedDir(out_dir, force=force, owned=lambda d: recorded_files(d, "inject-noise"))
+    with stage:
+        # A caption that is not UTF-8 text is not a caption to hand to another image.
+        fields = (read_text_fields(raw) for raw in read_shards(urls))
+        captions = [caption if status != schema.BAD_CAPTION else None for caption, _, _, status in fields]
+        eligible = np.flatnonzero([c is not None for c in captions])
+        if len(eligible) < 2:
+            raise NcleanerError(f"{urls[0]}: {len(eligible)} sample(s) with a caption; need at least two to permute")
+        perm = caption_permutation(len(eligible), rate, np.random.default_rng(seed))
+        source = np.arange(len(captions))
+        source[eligible] = eligible[perm]
 
-    out = prepare_output_dir(out_dir, force, owned=(*SHARD_OUTPUTS, "*.tar", TRUTH_FILE))
-    written, truth = [], []
-    i = 0
-    for url, name in zip(urls, shard_names(urls), strict=True):
-        with ShardFile(out / f"{name}.tar") as shard:
-            for raw in read_shard(url):
-                noisy = bool(source[i] != i)
-                shard.write(_with_caption(raw.key, raw.members, captions[i], captions[source[i]], noisy))
-                truth.append({"key": raw.key, "shard": str(out / f"{name}.tar"), "index": raw.index, "noisy": noisy})
-                i += 1
-        written.append(shard.path)
-    pd.DataFrame(truth).to_parquet(out / TRUTH_FILE, index=False)
-    return NoiseResult(
-        out, written, len(captions), len(eligible), int((source != np.arange(len(source))).sum()), out / TRUTH_FILE
-    )
+        out = Path(out_dir)
+        names, truth = [], []
+        i = 0
+        for url, name in zip(urls, shard_names(urls), strict=True):
+            with ShardFile(stage.path / f"{name}.tar") as shard:
+                for raw in read_shards([url]):
+                    noisy = bool(source[i] != i)
+                    shard.write_raw(raw, _caption_members(raw, captions[i], captions[source[i]], noisy))
+                    truth.append(
+                        {"key": raw.key, "shard": str(out / f"{name}.tar"), "index": raw.index, "noisy": noisy}
+                    )
+                    i += 1
+            names.append(f"{name}.tar")
+        pd.DataFrame(truth).to_parquet(stage.path / TRUTH_FILE, index=False)
+        noisy_count = int((source != np.arange(len(source))).sum())
+        write_json(
+            stage.path / MANIFEST,
+            {
+                "command": "inject-noise",
+                "input_shards": urls,
+                "rate": rate,
+                "seed": seed,
+                "mode": mode,
+                "samples": len(captions),
+                "noisy": noisy_count,
+                "files": [*names, TRUTH_FILE],
+            },
+        )
+        stage.commit()
+    return NoiseResult(out, [out / n for n in names], len(captions), len(eligible), noisy_count, out / TRUTH_FILE)
 
 
-def _with_caption(key: str, members: dict[str, bytes], own: str | None, new: str | None, noisy: bool) -> dict:
-    sample = {"__key__": key, **members}
+def _caption_members(raw: RawSample, own: str | None, new: str | None, noisy: bool) -> dict[str, bytes]:
+    """The members that change: the txt and json captions of a noisy sample, and the truth in the json."""
     if own is None:
-        return sample  # nothing to permute, nothing to record
+        return {}  # nothing to permute, nothing to record
+    members = raw.members
     json_name = next((n for n in members if n.lower() == "json"), "json")
     try:
         meta = json.loads(members[json_name]) if json_name in members else {}
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (UnicodeDecodeError, ValueError, RecursionError):
         meta = None
     if not isinstance(meta, dict):
         meta = None  # a broken json stays as it was; noise_truth.parquet still has the truth
+    changed: dict[str, bytes] = {}
     if noisy:
         txt_name = next((n for n in members if n.lower() == "txt"), None)
         if txt_name is not None:
-            sample[txt_name] = new.encode("utf-8")
+            changed[txt_name] = new.encode("utf-8")
         if meta is not None:
             for field in JSON_CAPTION_FIELDS:
                 if isinstance(meta.get(field), str):
@@ -128,5 +151,5 @@ def _with_caption(key: str, members: dict[str, bytes], own: str | None, new: str
         meta["ncleaner_noisy"] = noisy
         if noisy:
             meta["ncleaner_original_caption"] = own
-        sample[json_name] = json.dumps(meta, ensure_ascii=False, sort_keys=True).encode("utf-8")
-    return sample
+        changed[json_name] = json.dumps(meta, ensure_ascii=False, sort_keys=True).encode("utf-8")
+    return changed

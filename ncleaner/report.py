@@ -10,8 +10,9 @@ read the report as one table.
 from __future__ import annotations
 
 import json
+import logging
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,12 +22,16 @@ import pyarrow.parquet as pq
 import torch
 from tqdm.auto import tqdm
 
+from . import schema
 from .backbone import resolve_device
-from .decode import Pair, batched, decode_stream
-from .errors import NcleanerError
-from .model import SCORE_COLUMNS, NcleanerModel
+from .decode import DEFAULT_MAX_IMAGE_PIXELS, Pair, batched, decode_stream
+from .errors import NcleanerError, UnreadableShard
+from .model import NcleanerModel
+from .schema import SCORE_COLUMNS, failed_marker, report_paths
 from .shards import expand_shards, read_shard, shard_names
-from .writer import atomic_write
+from .writer import atomic_write, output_error, write_json
+
+logger = logging.getLogger(__name__)
 
 BASE_FIELDS = [
     pa.field("key", pa.string()),
@@ -48,41 +53,65 @@ def report_schema(keep_json_fields: Sequence[str] = ()) -> pa.Schema:
     return pa.schema(BASE_FIELDS + [pa.field(f, pa.string()) for f in keep_json_fields])
 
 
-def report_paths(report_dir: Path, name: str) -> tuple[Path, Path]:
-    """(parquet file, finished marker) of one shard's part of a report."""
-    return report_dir / f"{name}.parquet", report_dir / f"_{name}.done.json"
-
-
 @dataclass
 class ScoreResult:
+    """What ``score`` did: rows per status, shards scored now, before, or not at all."""
+
     report_dir: Path
     model_id: str
     rows: int = 0
     statuses: Counter = field(default_factory=Counter)
     scored_shards: list[str] = field(default_factory=list)
     skipped_shards: list[str] = field(default_factory=list)
+    failed_shards: dict[str, str] = field(default_factory=dict)
+    truncated_shards: list[str] = field(default_factory=list)
 
 
 def score(
     shards: str | Iterable[str],
     model_dir: str | Path,
     out_dir: str | Path,
+    *,
     batch_size: int = 256,
     device: str = "auto",
     overwrite: bool = False,
     keep_json_fields: Sequence[str] = (),
+    on_bad_shard: str = "fail",
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
     progress: bool = True,
-    log: Callable[[str], None] = print,
 ) -> ScoreResult:
-    """Score every pair of ``shards`` with the model in ``model_dir``; write the report to ``out_dir``."""
+    """Score every pair of ``shards`` with the model in ``model_dir``; write the report to ``out_dir``.
+
+    Args:
+        shards: SHARDS in any form ``expand_shards`` takes.
+        model_dir: a model directory written by ``fit``.
+        out_dir: the report directory (one Parquet part and one marker per shard).
+        batch_size: pairs encoded at a time.
+        device: ``cpu``, ``cuda``, ``cuda:N`` or ``auto``.
+        overwrite: re-score shards the report already holds, and accept a report
+            directory holding another model's parts.
+        keep_json_fields: json fields copied into the report as text columns.
+        on_bad_shard: ``fail`` stops at a shard that cannot be read; ``skip`` records it
+            (``_<shard>.failed.json``, tried again by the next run) and goes on.
+        max_image_pixels: larger images are not decoded (status ``too_large``).
+        progress: show a progress bar.
+    """
+    if on_bad_shard not in ("fail", "skip"):
+        raise NcleanerError(f"--on-bad-shard {on_bad_shard}: must be fail or skip")
     urls = expand_shards(shards)
     names = shard_names(urls)
-    schema = report_schema(keep_json_fields)
-    model = NcleanerModel.load(model_dir, resolve_device(device))
+    table_schema = report_schema(keep_json_fields)
     out = Path(out_dir)
+    # Checked before the slow model load: a report that cannot be written fails at once.
     if out.exists() and not out.is_dir():
         raise NcleanerError(f"{out}: exists and is not a directory")
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise output_error(out, exc) from exc
+    model = NcleanerModel.load(model_dir, resolve_device(device))
+    if not overwrite:
+        _refuse_other_models(out, model.model_id)
     result = ScoreResult(report_dir=out, model_id=model.model_id)
     for url, name in zip(urls, names, strict=True):
         target, marker = report_paths(out, name)
@@ -97,32 +126,69 @@ def score(
             result.rows += done["rows"]
             result.statuses.update(done["statuses"])
             continue
-        table = _score_shard(model, url, schema, keep_json_fields, batch_size, progress)
+        try:
+            table, damage = _score_shard(
+                model, url, table_schema, keep_json_fields, batch_size, max_image_pixels, progress
+            )
+        except UnreadableShard as exc:
+            if on_bad_shard == "fail":
+                raise
+            logger.warning("skipped %s", exc)
+            write_json(failed_marker(out, name), {"shard": url, "reason": str(exc)})
+            result.failed_shards[url] = str(exc)
+            continue
         statuses = Counter(table.column("status").to_pylist())
         atomic_write(target, lambda tmp, t=table: pq.write_table(t, tmp))
-        done = {"shard": url, "rows": table.num_rows, "model_id": model.model_id, "statuses": dict(statuses)}
-        atomic_write(marker, lambda tmp, d=done: Path(tmp).write_text(json.dumps(d, indent=1) + "\n"))
+        done = {
+            "shard": url,
+            "rows": table.num_rows,
+            "model_id": model.model_id,
+            "statuses": dict(statuses),
+            "damage": damage,
+        }
+        write_json(marker, done)
+        failed_marker(out, name).unlink(missing_ok=True)
         result.scored_shards.append(url)
         result.rows += table.num_rows
         result.statuses.update(statuses)
+        if damage:
+            result.truncated_shards.append(url)
     if result.skipped_shards:
-        log(f"skipped {len(result.skipped_shards)} shard(s) already scored (use --overwrite to redo)")
+        logger.info("skipped %d shard(s) already scored (use --overwrite to redo)", len(result.skipped_shards))
     return result
+
+
+def _refuse_other_models(out: Path, model_id: str) -> None:
+    """A report holds one model's scores: another model's parts make rankings meaningless."""
+    for marker in sorted(out.glob("_*.done.json")):
+        try:
+            other = json.loads(marker.read_text()).get("model_id")
+        except (OSError, ValueError, AttributeError):
+            raise NcleanerError(f"{marker}: unreadable marker; remove it or use --overwrite") from None
+        if other != model_id:
+            raise NcleanerError(
+                f"{out}: holds shards scored by another model ({other}, e.g. {marker.name}); "
+                "use --overwrite to re-score with this one, or another report directory"
+            )
 
 
 @torch.no_grad()
 def _score_shard(
     model: NcleanerModel,
     url: str,
-    schema: pa.Schema,
+    table_schema: pa.Schema,
     keep_json_fields: Sequence[str],
     batch_size: int,
+    max_image_pixels: int,
     progress: bool,
-) -> pa.Table:
+) -> tuple[pa.Table, str | None]:
+    """One shard's report rows, and the reader's damage note when the shard ended early."""
     rows: list[dict] = []
     name = Path(url).name
+    reader = read_shard(url)
+    pairs = decode_stream(reader, model.backbone.preprocess, max_pixels=max_image_pixels)
     with tqdm(desc=f"scoring {name}", unit="pair", disable=not progress, leave=False) as bar:
-        for block in batched(decode_stream(read_shard(url), model.backbone.preprocess), batch_size):
+        for block in batched(pairs, batch_size):
             ok = [p for p in block if p.ok]
             scores: dict = {}
             if ok:
@@ -133,7 +199,11 @@ def _score_shard(
                 rows.append(_row(pair, model.model_id, scores, j if pair.ok else None, keep_json_fields))
                 j += pair.ok
             bar.update(len(block))
-    return pa.Table.from_pylist(rows, schema=schema)
+    if reader.damage:
+        # The cut may have taken members of any sample read from this shard: none is scored.
+        for row in rows:
+            row.update({"status": schema.TRUNCATED_SHARD, **dict.fromkeys(SCORE_COLUMNS)})
+    return pa.Table.from_pylist(rows, schema=table_schema), reader.damage
 
 
 def _row(pair: Pair, model_id: str, scores: dict, i: int | None, keep_json_fields: Sequence[str]) -> dict:

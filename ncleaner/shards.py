@@ -1,65 +1,136 @@
 """Finding shards and reading raw samples from them (the reader stage).
 
 A SHARDS argument may be a directory of ``.tar`` files, a glob, a brace pattern
-(``data/{00000..00003}.tar``), a ``::``-separated list, or any URL / ``pipe:``
-spec that webdataset opens. Samples come out with every member's bytes exactly
-as stored, so the filter can write them back unchanged.
+(``data/{00000..00003}.tar``), a ``::``-separated list, or a URL / ``pipe:``
+spec that webdataset opens. A ``pipe:`` spec runs a shell command, so only a
+spec the user typed, and that is not an existing file, is ever treated as one:
+every path that exists, or that came out of a directory listing, a glob or a
+brace pattern, is opened as a local file.
+
+Samples come out with every member exactly as stored (name, bytes, order), so
+the filter can write them back unchanged. Members are grouped by the WebDataset
+convention: the key is the member name up to the first dot of its file name,
+and consecutive members with the same key form one sample. The reader never
+drops a member: what cannot be a clean sample (unsafe names, links, duplicates,
+a shard cut short) is reported through a status (``ncleaner.schema``).
 """
 
 from __future__ import annotations
 
 import glob
 import hashlib
+import logging
 import os
 import re
+import tarfile
+import zlib
+from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
+from webdataset import gopen
 from webdataset.shardlists import expand_urls
-from webdataset.tariterators import group_by_keys, tar_file_expander, url_opener
 
-from .errors import NcleanerError
+from . import schema
+from .errors import NcleanerError, UnreadableShard
+
+logger = logging.getLogger(__name__)
 
 _REMOTE = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*:")
 _GLOB_CHARS = re.compile(r"[*?[]")
+# Hard links in a stream that cannot be re-read are resolved from the most recent members.
+_LINK_CACHE_BYTES = 64 << 20
+
+
+@dataclass
+class Entry:
+    """One tar member of a sample: its name after the key, its bytes, and its tar type."""
+
+    ext: str
+    data: bytes
+    type: bytes = tarfile.REGTYPE
+    linkname: str = ""
 
 
 @dataclass
 class RawSample:
-    """One webdataset sample: its key, where it came from, and its members as stored."""
+    """One webdataset sample: its key, where it came from, and its members as stored.
+
+    ``entries`` holds every member in tar order (what the filter writes back);
+    ``members`` maps each extension to the bytes of its first regular member (what
+    decoding reads). ``problem`` is a reader-level status when the sample cannot be
+    a clean pair whatever its contents.
+    """
 
     key: str
     shard: str
     index: int
-    members: dict[str, bytes] = field(default_factory=dict)
+    entries: list[Entry] = field(default_factory=list)
+    problem: str | None = None
+
+    @property
+    def members(self) -> dict[str, bytes]:
+        out: dict[str, bytes] = {}
+        for e in self.entries:
+            if e.type == tarfile.REGTYPE:
+                out.setdefault(e.ext, e.data)
+        return out
+
+
+def member_name(key: str, ext: str) -> str:
+    """The tar member name of ``ext`` in sample ``key`` (the inverse of ``split_name``)."""
+    return f"{key}.{ext}" if ext else key
+
+
+def split_name(name: str) -> tuple[str, str]:
+    """(key, extension) by the WebDataset convention: the key ends at the first dot of the file name."""
+    directory, slash, base = name.rpartition("/")
+    stem, _, ext = base.partition(".")
+    return directory + slash + stem, ext
+
+
+def is_local(url: str) -> bool:
+    """Whether ``url`` is opened as a local file: anything that exists, or has no URL scheme."""
+    return os.path.exists(url) or not _REMOTE.match(url)
+
+
+def _as_local(path: str) -> str:
+    # A file literally named "pipe:rm -rf ~; x.tar" must never reach webdataset's opener as a
+    # spec, even if it disappears before it is read: "./pipe:..." has no scheme.
+    return os.path.join(".", path) if _REMOTE.match(path) else path
 
 
 def expand_shards(specs: str | Iterable[str]) -> list[str]:
     """Turn one or more SHARDS arguments into the ordered list of shard URLs.
 
-    Local files are checked here, so a typo fails before any work starts.
+    Local files are checked here, so a typo fails before any work starts. Only a
+    spec that is not an existing path and starts with a scheme (``pipe:``,
+    ``http:``...) is kept as a URL; every local path that looks like one is
+    returned as ``./name`` so that nothing downstream can mistake it for a command.
     """
     if isinstance(specs, (str, os.PathLike)):
         specs = [specs]
     urls: list[str] = []
     for spec in map(str, specs):
-        if _REMOTE.match(spec) and not os.path.exists(spec):
-            urls.extend(expand_urls(spec))
+        if os.path.isfile(spec):
+            urls.append(_as_local(spec))
         elif os.path.isdir(spec):
-            found = sorted(glob.glob(os.path.join(spec, "*.tar")))
+            found = sorted(glob.glob(os.path.join(glob.escape(spec), "*.tar")))
             if not found:
                 raise NcleanerError(f"{spec}: directory holds no .tar shards")
-            urls.extend(found)
+            urls.extend(map(_as_local, found))
+        elif _REMOTE.match(spec):
+            urls.extend(expand_urls(spec))
         elif _GLOB_CHARS.search(spec):
-            found = sorted(glob.glob(spec))
+            found = sorted(p for p in glob.glob(spec) if os.path.isfile(p))
             if not found:
                 raise NcleanerError(f"{spec}: pattern matches no files")
-            urls.extend(found)
+            urls.extend(map(_as_local, found))
         else:
-            for url in expand_urls(spec):
-                if not _REMOTE.match(url) and not os.path.isfile(url):
-                    raise NcleanerError(f"{url}: no such shard file")
-                urls.append(url)
+            for path in expand_urls(spec):
+                if not os.path.isfile(path):
+                    raise NcleanerError(f"{path}: no such shard file")
+                urls.append(_as_local(path))
     if not urls:
         raise NcleanerError("no shards given")
     return urls
@@ -87,34 +158,179 @@ def _stem(url: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]", "_", last)
 
 
-def read_shard(url: str) -> Iterator[RawSample]:
-    """Yield the samples of one shard in order, members grouped by key.
+class _EndAwareInfo(tarfile.TarInfo):
+    """A TarInfo that records on its TarFile how the archive ended.
 
-    Suffixes keep their case (``lcase=False``), so a member is written back
-    under exactly the name it had. Any failure to open or parse the tar becomes
-    a one-line ``NcleanerError`` naming the shard.
+    tarfile treats a missing end-of-archive block, or a header cut short, as a
+    normal end; we need to tell the two apart to report truncated shards.
     """
-    try:
-        streams = url_opener([{"url": url}])
-        files = tar_file_expander(streams)
-        for index, sample in enumerate(group_by_keys(files, lcase=False)):
-            members = {k: v for k, v in sample.items() if not k.startswith("__")}
-            yield RawSample(key=sample["__key__"], shard=url, index=index, members=members)
-    except NcleanerError:
-        raise
-    except Exception as exc:
-        raise NcleanerError(f"{url}: cannot read shard: {_reason(exc)}") from exc
+
+    @classmethod
+    def fromtarfile(cls, tar):
+        try:
+            return super().fromtarfile(tar)
+        except tarfile.EOFHeaderError:
+            tar.ncleaner_end = "complete"
+            raise
+        except (tarfile.EmptyHeaderError, tarfile.TruncatedHeaderError):
+            tar.ncleaner_end = "truncated"
+            raise
+
+
+# What a broken archive raises while it is read: tarfile's own errors, a compressed
+# stream that ends early or is corrupt, and I/O errors of the file or pipe.
+_READ_ERRORS = (tarfile.TarError, EOFError, zlib.error, OSError, ValueError)
+
+
+class ShardReader:
+    """The samples of one shard, in order: an iterator, read once.
+
+    After iteration ``damage`` is None for an intact shard, or says where and why
+    it ended early (no end-of-archive block, a member cut short, an unreadable
+    header). Callers flag every sample of a damaged shard ``truncated_shard``,
+    since the cut may have taken members of any of them. A shard that cannot be
+    opened, or holds no readable tar header at all, raises ``NcleanerError``.
+    """
+
+    def __init__(self, url: str):
+        self.url = url
+        self.damage: str | None = None
+        self._recent: OrderedDict[str, bytes] = OrderedDict()
+        self._recent_bytes = 0
+        self._offsets: dict[str, tuple[int, int]] = {}
+        self._seekable = False
+        self._samples_left: Iterator[RawSample] | None = None
+
+    def __iter__(self) -> ShardReader:
+        return self
+
+    def __next__(self) -> RawSample:
+        if self._samples_left is None:
+            self._samples_left = self._read()
+        return next(self._samples_left)
+
+    def _read(self) -> Iterator[RawSample]:
+        try:
+            stream = open(self.url, "rb") if is_local(self.url) else gopen(self.url, "rb")
+        except Exception as exc:
+            raise UnreadableShard(f"{self.url}: cannot open shard: {_reason(exc)}") from exc
+        try:
+            yield from self._samples(stream)
+        finally:
+            try:
+                stream.close()
+            except Exception as exc:  # a pipe: command that exits non-zero is reported here
+                if self.damage is None:
+                    self.damage = f"the command failed: {_reason(exc)}"
+
+    def _samples(self, stream) -> Iterator[RawSample]:
+        try:
+            tar = tarfile.open(fileobj=stream, mode="r|*", tarinfo=_EndAwareInfo)
+        except _READ_ERRORS as exc:
+            raise UnreadableShard(f"{self.url}: cannot read shard: {_reason(exc)}") from exc
+        # Offsets of an uncompressed local tar are file offsets: a hard link is re-read from there.
+        self._seekable = is_local(self.url) and getattr(tar.fileobj, "comptype", None) == "tar"
+        index, key, group = 0, None, []
+        try:
+            for info in tar:
+                if info.isdir():
+                    continue  # a directory entry carries no data and belongs to no sample
+                name_key, ext = split_name(info.name)
+                if key is not None and name_key != key:
+                    yield self._sample(key, index, group)
+                    index, group = index + 1, []
+                # Set before the member is read: a sample whose first member is cut short
+                # still gets its row, flagged, rather than vanishing.
+                key = name_key
+                group.append((info.name, self._entry(tar, info, ext)))
+        except _READ_ERRORS as exc:
+            self.damage = f"ends early: {_reason(exc)}"
+        else:
+            if getattr(tar, "ncleaner_end", None) != "complete":
+                self.damage = f"ends early: no valid header or end-of-archive block at byte {tar.offset}"
+        if key is not None:
+            yield self._sample(key, index, group)
+        if self.damage:
+            count = index + (key is not None)
+            logger.warning(
+                "%s: %s; its %d sample(s) are flagged %s", self.url, self.damage, count, schema.TRUNCATED_SHARD
+            )
+
+    def _entry(self, tar: tarfile.TarFile, info: tarfile.TarInfo, ext: str) -> Entry:
+        if info.isreg():
+            data = tar.extractfile(info).read()
+            if len(data) != info.size:
+                raise tarfile.ReadError("unexpected end of data")
+            self._remember(info, data)
+            return Entry(ext, data)
+        if info.islnk():
+            data = self._link_target(info.linkname)
+            if data is not None:
+                return Entry(ext, data)  # written back as a regular file with the target's bytes
+        return Entry(ext, b"", type=info.type, linkname=info.linkname)
+
+    def _remember(self, info: tarfile.TarInfo, data: bytes) -> None:
+        """Keep what a later hard link needs: the offset in a local file, else recent bytes."""
+        if self._seekable:
+            self._offsets[info.name] = (info.offset_data, info.size)
+            return
+        self._recent[info.name] = data
+        self._recent_bytes += len(data)
+        while self._recent_bytes > _LINK_CACHE_BYTES and len(self._recent) > 1:
+            self._recent_bytes -= len(self._recent.popitem(last=False)[1])
+
+    def _link_target(self, name: str) -> bytes | None:
+        if name in self._offsets:
+            offset, size = self._offsets[name]
+            with open(self.url, "rb") as f:
+                f.seek(offset)
+                return f.read(size)
+        return self._recent.get(name)
+
+    def _sample(self, key: str, index: int, group: list[tuple[str, Entry]]) -> RawSample:
+        entries = [e for _, e in group]
+        return RawSample(key=key, shard=self.url, index=index, entries=entries, problem=_problem(group))
+
+
+def _problem(group: list[tuple[str, Entry]]) -> str | None:
+    names = [name for name, _ in group]
+    if any(name.startswith("/") or ".." in name.split("/") for name in names):
+        return schema.UNSAFE_NAME
+    for _, e in group:
+        if e.type == tarfile.SYMTYPE:
+            return schema.SYMLINK_MEMBER
+        if e.type == tarfile.LNKTYPE:
+            return schema.UNRESOLVED_LINK
+        if e.type != tarfile.REGTYPE:
+            return schema.SPECIAL_MEMBER
+    if len(set(names)) != len(names):
+        return schema.DUPLICATE_MEMBER
+    return None
+
+
+def read_shard(url: str) -> ShardReader:
+    """The samples of one shard, in order (see ``ShardReader`` for truncated shards)."""
+    return ShardReader(url)
 
 
 def read_shards(urls: Iterable[str]) -> Iterator[RawSample]:
-    """The samples of several shards, one shard after the other, each in its own order."""
+    """The samples of several intact shards, one after the other.
+
+    For callers that need every shard whole (noise injection, evaluation): a
+    damaged shard raises ``NcleanerError`` once it has been read.
+    """
     for url in urls:
-        yield from read_shard(url)
+        reader = ShardReader(url)
+        yield from reader
+        if reader.damage:
+            raise NcleanerError(f"{url}: shard is damaged ({reader.damage})")
 
 
-def _reason(exc: Exception) -> str:
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, FileNotFoundError):
+        return "no such file"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
     first = exc.args[0] if exc.args else ""
     text = str(first).split(" @ ")[0].strip() if first else type(exc).__name__
-    if isinstance(exc, FileNotFoundError):
-        text = "no such file"
     return text.splitlines()[0] if text else type(exc).__name__

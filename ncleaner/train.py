@@ -13,6 +13,7 @@ in the alignment loss and in its soft targets.
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -22,16 +23,18 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import losses
+from . import losses, schema
 from .backbone import resolve_device
 from .config import DisNCLConfig
-from .decode import batched, decode_stream
-from .errors import NcleanerError
+from .decode import DEFAULT_MAX_IMAGE_PIXELS, batched, decode_stream
+from .errors import NcleanerError, UnreadableShard
 from .heads import DisNCLCritics
 from .mixture import TwoComponentMixture
 from .model import MODEL_FILES, Calibration, NcleanerModel, soft_agreement
-from .shards import expand_shards, read_shards
-from .writer import prepare_output_dir
+from .shards import expand_shards, read_shard
+from .writer import StagedDir
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -43,6 +46,7 @@ class TrainingSet:
     f_t: torch.Tensor | None = None
     images: torch.Tensor | None = None  # trained backbone: decoded inputs
     tokens: torch.Tensor | None = None
+    skipped_shards: dict[str, str] = field(default_factory=dict)  # unreadable shard -> why
 
     def __len__(self) -> int:
         return len(self.f_v if self.f_v is not None else self.images)
@@ -56,68 +60,129 @@ class FitResult:
     pairs_used: int
     statuses: dict[str, int]
     history: list[dict]
+    skipped_shards: dict[str, str] = field(default_factory=dict)
 
 
-def load_training_set(urls: list[str], model: NcleanerModel, batch_size: int, progress: bool) -> TrainingSet:
-    """Read and decode every shard once; cache features (frozen) or inputs (trained backbone)."""
+def load_training_set(
+    urls: list[str],
+    model: NcleanerModel,
+    batch_size: int,
+    progress: bool,
+    *,
+    on_bad_shard: str = "fail",
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+) -> TrainingSet:
+    """Read and decode every shard once; cache features (frozen) or inputs (trained backbone).
+
+    A shard that ends early contributes no pair (all its samples count as
+    ``truncated_shard``); an unreadable one stops the run, or with
+    ``on_bad_shard="skip"`` is recorded in ``skipped_shards`` and left out.
+    """
     data = TrainingSet()
-    feats_v, feats_t, images, tokens = [], [], [], []
-    pairs = decode_stream(read_shards(urls), model.backbone.preprocess)
+    parts: dict[str, list[torch.Tensor]] = {"a": [], "b": []}
     bar = tqdm(desc="encoding" if not model.trains_backbone else "decoding", unit="pair", disable=not progress)
-    for block in batched(pairs, batch_size):
-        data.statuses.update(p.status for p in block)
+    for url in urls:
+        try:
+            shard_parts, statuses = _load_shard(url, model, batch_size, max_image_pixels, bar)
+        except UnreadableShard as exc:
+            if on_bad_shard == "fail":
+                raise
+            logger.warning("skipped %s", exc)
+            data.skipped_shards[url] = str(exc)
+            continue
+        data.statuses.update(statuses)
+        for k in parts:
+            parts[k].extend(shard_parts[k])
+    bar.close()
+    if parts["a"]:
+        a, b = torch.cat(parts["a"]), torch.cat(parts["b"])
+        if model.trains_backbone:
+            data.images, data.tokens = a, b
+        else:
+            data.f_v, data.f_t = a, b
+    return data
+
+
+def _load_shard(url, model: NcleanerModel, batch_size: int, max_image_pixels: int, bar):
+    """One shard's cached inputs or features (``a``: images / F_V, ``b``: tokens / F_T) and statuses."""
+    reader = read_shard(url)
+    statuses: Counter = Counter()
+    parts: dict[str, list[torch.Tensor]] = {"a": [], "b": []}
+    for block in batched(decode_stream(reader, model.backbone.preprocess, max_pixels=max_image_pixels), batch_size):
+        statuses.update(p.status for p in block)
         bar.update(len(block))
         ok = [p for p in block if p.ok]
         if not ok:
             continue
         x = torch.stack([p.image for p in ok])
         t = model.tokenize([p.caption for p in ok])
-        if model.trains_backbone:
-            images.append(x)
-            tokens.append(t)
-        else:
+        if not model.trains_backbone:
             f_v, f_t = model.encode(x, t)
-            feats_v.append(f_v.float().cpu())
-            feats_t.append(f_t.float().cpu())
-    bar.close()
-    if model.trains_backbone:
-        if images:
-            data.images, data.tokens = torch.cat(images), torch.cat(tokens)
-    elif feats_v:
-        data.f_v, data.f_t = torch.cat(feats_v), torch.cat(feats_t)
-    return data
+            x, t = f_v.float().cpu(), f_t.float().cpu()
+        parts["a"].append(x)
+        parts["b"].append(t)
+    if reader.damage:
+        # The cut may have taken members of any of its samples: train on none of them.
+        return {"a": [], "b": []}, Counter({schema.TRUNCATED_SHARD: sum(statuses.values())})
+    return parts, statuses
 
 
 def fit(
     shards: str | Iterable[str],
     out_dir: str | Path,
     config: DisNCLConfig | None = None,
+    *,
     device: str = "auto",
     force: bool = False,
+    on_bad_shard: str = "fail",
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> FitResult:
-    """Train a DisNCL model on ``shards`` and save it to ``out_dir``."""
+    """Train a DisNCL model on ``shards`` and save it to ``out_dir``.
+
+    Args:
+        shards: SHARDS in any form ``expand_shards`` takes.
+        out_dir: the model directory. It is written under a temporary name and
+            swapped in when complete, so an interrupted fit leaves the previous model.
+        config: the ``DisNCLConfig`` (defaults when None).
+        device: ``cpu``, ``cuda``, ``cuda:N`` or ``auto``.
+        force: replace an existing model directory (only the files ``fit`` writes).
+        on_bad_shard: ``fail`` stops at an unreadable shard; ``skip`` leaves it out
+            and lists it in ``FitResult.skipped_shards``.
+        max_image_pixels: larger images are not decoded (status ``too_large``).
+        progress: show progress bars.
+        log: receives one line per epoch.
+    """
     config = config or DisNCLConfig()
     try:
         config.validate()
     except ValueError as exc:
         raise NcleanerError(f"invalid configuration: {exc}") from exc
+    if on_bad_shard not in ("fail", "skip"):
+        raise NcleanerError(f"--on-bad-shard {on_bad_shard}: must be fail or skip")
     urls = expand_shards(shards)
-    out = prepare_output_dir(out_dir, force, owned=MODEL_FILES)
+    with StagedDir(out_dir, force=force, owned=lambda _: set(MODEL_FILES)) as stage:
+        result = _fit(urls, stage.path, config, device, on_bad_shard, max_image_pixels, progress, log)
+        result.model_dir = stage.commit()
+    return result
+
+
+def _fit(urls, out: Path, config, device, on_bad_shard, max_image_pixels, progress, log) -> FitResult:
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
 
     device = resolve_device(device)
     model = NcleanerModel.create(config, device)
-    data = load_training_set(urls, model, config.batch_size, progress)
+    data = load_training_set(
+        urls, model, config.batch_size, progress, on_bad_shard=on_bad_shard, max_image_pixels=max_image_pixels
+    )
     n = data.statuses.get("ok", 0)
     if n < 4:
         raise NcleanerError(f"{urls[0]}{' ...' if len(urls) > 1 else ''}: only {n} usable pairs; need at least 4")
     bad = {k: v for k, v in data.statuses.items() if k != "ok"}
     if bad:
         log("not used for training: " + ", ".join(f"{v} {k}" for k, v in sorted(bad.items())))
-
     critics = DisNCLCritics(config.embed_dim, config.mei_dim, config.hidden_dim).to(device)
     params = [{"params": model.heads.parameters(), "lr": config.lr}]
     if model.trains_backbone:
@@ -157,6 +222,7 @@ def fit(
         pairs_used=n,
         statuses=dict(data.statuses),
         history=history,
+        skipped_shards=data.skipped_shards,
     )
 
 

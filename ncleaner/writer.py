@@ -1,86 +1,125 @@
-"""Writing samples to WebDataset shards, atomically and reproducibly.
+"""Writing outputs safely: shards, whole output directories, single files.
 
-Used by the filter (kept / rejected shards) and by the synthetic-data tools.
-Values are written exactly as given (``encoder=False``), so bytes read from an
-input shard reach the output unchanged; a fixed ``mtime`` makes the same input
-give byte-identical shards.
+Three promises hold for everything ncleaner writes:
+
+- nothing appears under its final name before it is complete (``atomic_write``,
+  ``ShardFile``, ``StagedDir``), and a failed or interrupted write leaves no
+  partial file behind where it can;
+- the same input gives byte-identical shards: members are written with their
+  names, bytes and order as read, and a fixed mtime, owner and mode;
+- nothing of the user's is deleted: an output directory is replaced only when
+  every file in it is one an earlier run of the same command recorded as its
+  own, and never when it is, holds, or lies inside the directory of an input.
 """
 
 from __future__ import annotations
 
+import io
+import json
+import logging
 import os
-from collections.abc import Callable, Sequence
+import shutil
+import tarfile
+import uuid
+from collections.abc import Callable, Iterable
 from fnmatch import fnmatch
 from pathlib import Path
 
-import webdataset as wds
-
 from .errors import NcleanerError
+from .shards import Entry, RawSample, is_local, member_name
 
-FIXED_MTIME = 0.0
+logger = logging.getLogger(__name__)
+
+FIXED_MTIME = 0
+MANIFEST = "manifest.json"
+PARTIAL_PATTERN = ".*.partial"
+
+
+def _temp_name(path: Path) -> Path:
+    # Unique per process and call: two runs writing the same target never share a temporary file.
+    return path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.partial")
 
 
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
     """Call ``write(tmp_path)`` then rename into ``path``: readers never see a half-written file."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.partial")
-    write(str(tmp))
-    os.replace(tmp, path)
+    tmp = _temp_name(path)
+    try:
+        write(str(tmp))
+        os.replace(tmp, path)
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise output_error(path, exc) from exc
+        raise
 
 
-SHARD_OUTPUTS = ("[0-9][0-9][0-9][0-9][0-9].tar", ".*.partial", "manifest.json")
-
-
-def prepare_output_dir(out_dir: str | Path, force: bool, owned: Sequence[str] = SHARD_OUTPUTS) -> Path:
-    """Make sure ``out_dir`` can take a fresh output without losing anything of the user's.
-
-    A non-empty directory is refused unless ``force``; even then only entries that
-    match ``owned`` (files an earlier ncleaner run writes there) are removed, and a
-    directory holding anything else is refused, so ``--force`` never deletes user data.
-    """
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise NcleanerError(f"{out}: exists and is not a directory")
-    entries = list(out.iterdir()) if out.is_dir() else []
-    if entries:
-        if not force:
-            raise NcleanerError(f"{out}: directory is not empty (use --force to overwrite)")
-        foreign = [e.name for e in entries if not e.is_file() or not any(fnmatch(e.name, p) for p in owned)]
-        if foreign:
-            raise NcleanerError(
-                f"{out}: holds files ncleaner did not write ({', '.join(sorted(foreign)[:3])}); "
-                "refusing to overwrite, choose another directory"
-            )
-        for e in entries:
-            e.unlink()
-    out.mkdir(parents=True, exist_ok=True)
-    return out
+def write_json(path: str | Path, data: dict) -> None:
+    """Write ``data`` as indented JSON, atomically."""
+    text = json.dumps(data, indent=2) + "\n"
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 class ShardFile:
-    """One shard written under a temporary name and renamed into place by ``close``.
+    """One tar shard written under a temporary name and renamed into place by ``close``.
 
-    An interrupted run never leaves a half shard with a final name (DESIGN.md section 5);
-    ``abort`` removes the partial file.
+    Members are written exactly as given: names (extension case, leading
+    underscores and extension-less names included), bytes and order. Owner,
+    mode and mtime are fixed so that the same samples give the same bytes.
     """
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
-        self._tmp = self.path.with_name(f".{self.path.name}.partial")
-        self._writer = wds.TarWriter(str(self._tmp), encoder=False, mtime=FIXED_MTIME)
+        self._tmp = _temp_name(self.path)
+        try:
+            self._file = open(self._tmp, "xb")
+        except OSError as exc:
+            raise output_error(self.path, exc) from exc
+        self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.PAX_FORMAT)
 
     def write(self, sample: dict) -> None:
-        """Write one sample: ``__key__`` plus ``extension -> bytes`` members."""
-        self._writer.write(sample)
+        """Write one sample given as ``__key__`` plus ``extension -> bytes`` members."""
+        key = sample["__key__"]
+        self.write_entries(key, [Entry(ext, data) for ext, data in sample.items() if ext != "__key__"])
+
+    def write_raw(self, raw: RawSample, replace: dict[str, bytes] | None = None) -> None:
+        """Write a sample as it was read; ``replace`` swaps (or adds) members by extension."""
+        replace = dict(replace or {})
+        entries = [Entry(e.ext, replace.pop(e.ext), e.type, e.linkname) if e.ext in replace else e for e in raw.entries]
+        self.write_entries(raw.key, entries + [Entry(ext, data) for ext, data in replace.items()])
+
+    def write_entries(self, key: str, entries: Iterable[Entry]) -> None:
+        """Write members of sample ``key`` in the order given."""
+        for e in entries:
+            info = tarfile.TarInfo(member_name(key, e.ext))
+            info.type, info.linkname = e.type, e.linkname
+            info.size = len(e.data) if e.type == tarfile.REGTYPE else 0
+            info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = FIXED_MTIME, 0o444, 0, 0, "", ""
+            try:
+                self._tar.addfile(info, io.BytesIO(e.data) if e.type == tarfile.REGTYPE else None)
+            except OSError as exc:
+                raise output_error(self.path, exc) from exc
 
     def close(self) -> Path:
-        self._writer.close()
-        os.replace(self._tmp, self.path)
+        try:
+            self._tar.close()
+            self._file.close()
+            os.replace(self._tmp, self.path)
+        except BaseException as exc:
+            self.abort()
+            if isinstance(exc, OSError):
+                raise output_error(self.path, exc) from exc
+            raise
         return self.path
 
     def abort(self) -> None:
-        self._writer.close()
-        self._tmp.unlink(missing_ok=True)
+        """Remove the partial file, even when closing it fails (a full disk fails the close too)."""
+        try:
+            self._file.close()
+        except OSError:
+            pass
+        finally:
+            self._tmp.unlink(missing_ok=True)
 
     def __enter__(self) -> ShardFile:
         return self
@@ -103,15 +142,22 @@ class ShardSink:
         self._shard: ShardFile | None = None
         self._in_shard = 0
 
-    def write(self, sample: dict) -> None:
-        """Write one sample: ``__key__`` plus ``extension -> bytes`` members."""
+    def _next_shard(self) -> ShardFile:
         if self._shard is None or self._in_shard >= self.maxcount:
             self._finish()
             self._shard = ShardFile(self.out_dir / f"{len(self.paths):05d}.tar")
             self._in_shard = 0
-        self._shard.write(sample)
         self._in_shard += 1
         self.count += 1
+        return self._shard
+
+    def write(self, sample: dict) -> None:
+        """Write one sample: ``__key__`` plus ``extension -> bytes`` members."""
+        self._next_shard().write(sample)
+
+    def write_raw(self, raw: RawSample) -> None:
+        """Write one sample exactly as it was read."""
+        self._next_shard().write_raw(raw)
 
     def _finish(self) -> None:
         if self._shard is not None:
@@ -132,3 +178,141 @@ class ShardSink:
         elif self._shard is not None:
             self._shard.abort()
             self._shard = None
+
+
+# -- output directories ------------------------------------------------------------------------
+
+
+def check_outputs_apart_from_inputs(outputs: Iterable[str | Path | None], urls: Iterable[str]) -> None:
+    """Refuse an output directory that is, holds, or lies inside the directory of an input shard.
+
+    Checked before anything is read or written, so that no mistake on the command
+    line can overwrite or delete a dataset.
+    """
+    input_dirs = {Path(u).resolve().parent for u in urls if is_local(u)}
+    for out in outputs:
+        if out is None:
+            continue
+        o = Path(out).resolve()
+        for d in sorted(input_dirs):
+            if o == d or d.is_relative_to(o) or o.is_relative_to(d):
+                relation = "is" if o == d else "holds" if d.is_relative_to(o) else "lies inside"
+                raise NcleanerError(
+                    f"{out}: output directory {relation} the directory of input shards ({d}); choose another"
+                )
+
+
+def recorded_files(out: Path, command: str) -> set[str] | None:
+    """The files an earlier run of ``command`` recorded in ``out/manifest.json`` (None: no such record)."""
+    try:
+        manifest = json.loads((out / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(manifest, dict) or manifest.get("command") != command:
+        return None
+    files = manifest.get("files")
+    if not isinstance(files, list) or not all(isinstance(f, str) and "/" not in f for f in files):
+        return None
+    return {MANIFEST, *files}
+
+
+def _owned_entries(out: Path, owned: Callable[[Path], set[str] | None], force: bool) -> list[Path]:
+    """The entries of an existing ``out`` that may be replaced, or a one-line refusal."""
+    entries = sorted(out.iterdir())
+    if not entries:
+        return []
+    if not force:
+        raise NcleanerError(f"{out}: directory is not empty (use --force to replace an earlier run's output)")
+    names = owned(out)
+    if names is None:
+        raise NcleanerError(
+            f"{out}: no record that ncleaner wrote what is there (no manifest of this command); "
+            "refusing to replace it, choose another directory"
+        )
+    foreign = [e.name for e in entries if not e.is_file() or not (e.name in names or fnmatch(e.name, PARTIAL_PATTERN))]
+    if foreign:
+        raise NcleanerError(
+            f"{out}: holds files ncleaner did not write ({', '.join(foreign[:3])}); "
+            "refusing to replace it, choose another directory"
+        )
+    return entries
+
+
+class StagedDir:
+    """An output directory built under a hidden sibling name and swapped in when complete.
+
+    Until ``commit``, ``final`` is untouched: an interrupted or failed run leaves
+    either no directory or the previous complete one, never a directory of
+    finished-looking shards without a manifest. ``owned(dir)`` names the files of
+    an existing ``final`` that an earlier run wrote; with ``force`` they (and only
+    they) are replaced, and anything else in ``final`` is a refusal, checked
+    before any work starts.
+    """
+
+    def __init__(self, final: str | Path, *, force: bool, owned: Callable[[Path], set[str] | None]):
+        self.final = Path(final)
+        if self.final.exists() and not self.final.is_dir():
+            raise NcleanerError(f"{self.final}: exists and is not a directory")
+        self._replaced = _owned_entries(self.final, owned, force) if self.final.is_dir() else []
+        self._remove_stale_stages()
+        self.path = self.final.with_name(f".{self.final.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.staging")
+        try:
+            self.path.mkdir(parents=True)
+        except OSError as exc:
+            raise output_error(self.final, exc) from exc
+
+    def _remove_stale_stages(self) -> None:
+        """Staging directories of runs that were killed (their process is gone) hold only our files."""
+        parent = self.final.parent
+        if not parent.is_dir():
+            return
+        for stage in parent.glob(f".{self.final.name}.*.staging"):
+            pid = stage.name[len(self.final.name) + 2 :].split("-")[0]
+            if pid.isdigit() and not _process_alive(int(pid)):
+                shutil.rmtree(stage, ignore_errors=True)
+
+    def commit(self) -> Path:
+        """Put the finished directory in place of ``final`` (and remove what it replaces)."""
+        old = None
+        try:
+            if self.final.is_dir():
+                old = self.final.with_name(f".{self.final.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.replaced")
+                os.replace(self.final, old)
+            os.replace(self.path, self.final)
+        except OSError as exc:
+            if old is not None and not self.final.exists():
+                os.replace(old, self.final)  # put the previous output back rather than leave none
+            raise output_error(self.final, exc) from exc
+        if old is not None:
+            for e in self._replaced:
+                (old / e.name).unlink(missing_ok=True)
+            try:
+                old.rmdir()
+            except OSError:
+                logger.warning("%s: left in place, it gained files during the run", old)
+        return self.final
+
+    def abort(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+
+    def __enter__(self) -> StagedDir:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.abort()
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def output_error(path: str | Path, exc: OSError) -> NcleanerError:
+    """One line naming an output path and why it cannot be written."""
+    return NcleanerError(f"{path}: cannot write here: {exc.strerror or exc}")

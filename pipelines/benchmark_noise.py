@@ -146,7 +146,7 @@ def run_method(method: str, rate: float, noisy_dir: Path, work: Path, args) -> l
     start = time.perf_counter()
     fit(str(noisy_dir), model_dir, config, progress=False, log=lambda _m: None, force=True)
     fit_seconds = time.perf_counter() - start
-    score(str(noisy_dir), model_dir, report_dir, overwrite=True, progress=False, log=lambda _m: None)
+    score(str(noisy_dir), model_dir, report_dir, overwrite=True, progress=False)
     report = read_report(report_dir)
     noisy = truth_from_file(report, noisy_dir / TRUTH_FILE)
     retrieval = retrieval_metrics(str(work / "test"), model_dir)

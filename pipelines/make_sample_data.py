@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 
 from ncleaner.synthetic import write_synthetic_shards
-from ncleaner.writer import prepare_output_dir
+from ncleaner.writer import StagedDir
 
 SAMPLES = 1600
 SHARD_SIZE = 400
@@ -23,9 +23,12 @@ def main() -> None:
     parser.add_argument("--out", default="sample_data")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    out = prepare_output_dir(args.out, force=True)
-    paths = write_synthetic_shards(out, SAMPLES, SHARD_SIZE, NOISE_RATE, args.seed, jpeg_quality=85)
-    print(f"wrote {SAMPLES} pairs ({NOISE_RATE:.0%} with permuted captions) to {len(paths)} shards in {out}")
+    # Only the shards this script writes are replaced; anything else in --out is a refusal.
+    names = {f"{i:05d}.tar" for i in range(-(-SAMPLES // SHARD_SIZE))}
+    with StagedDir(args.out, force=True, owned=lambda _: names) as stage:
+        paths = write_synthetic_shards(stage.path, SAMPLES, SHARD_SIZE, NOISE_RATE, args.seed, jpeg_quality=85)
+        stage.commit()
+    print(f"wrote {SAMPLES} pairs ({NOISE_RATE:.0%} with permuted captions) to {len(paths)} shards in {args.out}")
 
 
 if __name__ == "__main__":

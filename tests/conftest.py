@@ -25,6 +25,7 @@ def jpeg_bytes(color=(200, 30, 30), size=32, fmt="JPEG") -> bytes:
 
 def write_tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
     """A tar holding exactly these (name, bytes) members, in this order."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     with tarfile.open(path, "w") as tf:
         for name, data in members:
             info = tarfile.TarInfo(name)

@@ -60,7 +60,7 @@ def test_inject_noise_is_deterministic(clean_shards, tmp_path):
 
 def test_inject_noise_handles_json_only_captions_and_samples_without_one(tmp_path):
     shard = write_tar(
-        tmp_path / "in.tar",
+        tmp_path / "in" / "in.tar",
         [
             ("k0.jpg", jpeg_bytes()),
             ("k0.json", b'{"caption": "first"}'),
@@ -88,7 +88,7 @@ def test_inject_noise_rejects_bad_rates(clean_shards, tmp_path, args, message):
 
 
 def test_inject_noise_needs_two_captioned_samples(tmp_path):
-    shard = write_tar(tmp_path / "one.tar", [("k0.jpg", jpeg_bytes()), ("k0.txt", b"alone")])
+    shard = write_tar(tmp_path / "in" / "one.tar", [("k0.jpg", jpeg_bytes()), ("k0.txt", b"alone")])
     result = run_cli("inject-noise", shard, "--out", tmp_path / "o", "--rate", "0.5", ok=False)
     assert result.exit_code != 0 and "need at least two" in result.output
 

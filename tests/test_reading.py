@@ -63,10 +63,18 @@ def test_empty_shard_has_no_samples(tmp_path):
 
 def test_corrupt_tar_is_a_one_line_error_naming_the_shard(tmp_path, small_shards):
     broken = tmp_path / "broken.tar"
-    broken.write_bytes((small_shards / "00000.tar").read_bytes()[:5000] + b"garbage" * 100)
+    broken.write_bytes(b"garbage" * 100 + (small_shards / "00000.tar").read_bytes())
     with pytest.raises(NcleanerError) as err:
         list(read_shard(str(broken)))
     assert str(broken) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_tar_corrupt_midway_yields_what_it_read_and_says_where_it_ends(tmp_path, small_shards):
+    broken = tmp_path / "broken.tar"
+    broken.write_bytes((small_shards / "00000.tar").read_bytes()[:5000] + b"garbage" * 100)
+    reader = read_shard(str(broken))
+    assert [s.key for s in reader] == ["000000000"]
+    assert reader.damage and "ends early" in reader.damage
 
 
 @pytest.fixture(scope="module")

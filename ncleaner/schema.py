@@ -1,0 +1,60 @@
+"""The report's vocabulary: every sample status, with what it means.
+
+Kept free of torch so that the reader, the filter and the docs can use it cheaply.
+A sample whose status is not ``ok`` gets a report row with null scores and is
+always rejected by ``filter`` (written to the rejected shards when asked), never dropped.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+OK = "ok"
+
+# Decode stage: the sample's members are readable, but not a usable pair.
+MISSING_IMAGE = "missing_image"
+BAD_IMAGE = "bad_image"
+TOO_LARGE = "too_large"
+MISSING_CAPTION = "missing_caption"
+BAD_CAPTION = "bad_caption"
+BAD_JSON = "bad_json"
+AMBIGUOUS_MEMBERS = "ambiguous_members"
+
+# Reader stage: what the tar itself says about the sample.
+UNSAFE_NAME = "unsafe_name"
+DUPLICATE_MEMBER = "duplicate_member"
+SYMLINK_MEMBER = "symlink_member"
+SPECIAL_MEMBER = "special_member"
+UNRESOLVED_LINK = "unresolved_link"
+TRUNCATED_SHARD = "truncated_shard"
+
+STATUSES = {
+    OK: "decoded and scored",
+    MISSING_IMAGE: "no jpg/jpeg/png/webp member",
+    BAD_IMAGE: "the image member cannot be decoded",
+    TOO_LARGE: "the image has more pixels than --max-image-pixels (a decompression bomb guard)",
+    MISSING_CAPTION: "no txt member and no caption/text field in the json, or a blank caption",
+    BAD_CAPTION: "the txt member is not UTF-8 text",
+    BAD_JSON: "the json member cannot be parsed and no txt member gives the caption",
+    AMBIGUOUS_MEMBERS: "the image or caption is only found under a dotted name (img.001.jpg): keys end at the "
+    "first dot of the file name, so these members were grouped under one key",
+    UNSAFE_NAME: "a member name is absolute or contains '..' (it would escape a directory when extracted)",
+    DUPLICATE_MEMBER: "two members of the sample have the same name",
+    SYMLINK_MEMBER: "a member is a symbolic link",
+    SPECIAL_MEMBER: "a member is a device, fifo or other special file",
+    UNRESOLVED_LINK: "a hard link whose target is not an earlier member of the same tar",
+    TRUNCATED_SHARD: "the shard ends early (no end-of-archive block, or cut inside a member): every sample "
+    "read from it is flagged, because the cut may have taken members",
+}
+
+SCORE_COLUMNS = ("clip_sim", "mii_sim", "soft_agreement", "score", "clean_prob")
+
+
+def report_paths(report_dir: Path, name: str) -> tuple[Path, Path]:
+    """(parquet file, finished marker) of one shard's part of a report."""
+    return report_dir / f"{name}.parquet", report_dir / f"_{name}.done.json"
+
+
+def failed_marker(report_dir: Path, name: str) -> Path:
+    """Where ``score --on-bad-shard skip`` records a shard it could not read (a re-run tries it again)."""
+    return report_dir / f"_{name}.failed.json"
