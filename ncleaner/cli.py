@@ -35,6 +35,11 @@ device_option = click.option(
     "--device", default="auto", show_default=True, help="cpu, cuda, cuda:N, or auto (CUDA when present)."
 )
 quiet_option = click.option("--quiet", "-q", is_flag=True, help="No progress bars or per-epoch lines.")
+allow_download_option = click.option(
+    "--allow-download",
+    is_flag=True,
+    help="Let open_clip download the backbone the model names (hf-hub: names, pretrained tags); off by default.",
+)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -135,8 +140,9 @@ def fit(
     help="Comma-separated json fields of each sample to copy into the report as text columns.",
 )
 @quiet_option
+@allow_download_option
 @user_errors
-def score(shards, model_dir, out_dir, batch_size, device, overwrite, keep_json_fields, quiet):
+def score(shards, model_dir, out_dir, batch_size, device, overwrite, keep_json_fields, quiet, allow_download):
     """Score every pair of SHARDS and write a Parquet report (one row per pair, one file per shard).
 
     Pairs that cannot be scored (corrupt image, missing caption...) get a row too, with a status
@@ -155,6 +161,7 @@ def score(shards, model_dir, out_dir, batch_size, device, overwrite, keep_json_f
         keep_json_fields=fields,
         progress=not quiet,
         log=_log(quiet),
+        allow_download=allow_download,
     )
     not_ok = {k: v for k, v in result.statuses.items() if k != "ok"}
     click.echo(
@@ -269,9 +276,10 @@ def inject_noise_cmd(shards, out_dir, rate, seed, mode, force):
 )
 @click.option("--model", "model_dir", type=click.Path(), default=None, help="Model directory (with --retrieval).")
 @device_option
+@allow_download_option
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="Also write the numbers here.")
 @user_errors
-def evaluate(report_dir, truth_field, truth_file, retrieval_shards, model_dir, device, json_out):
+def evaluate(report_dir, truth_field, truth_file, retrieval_shards, model_dir, device, allow_download, json_out):
     """Measure noise detection against ground truth, and retrieval on a clean split.
 
     With --report: AUROC and average precision of every score column at finding the noisy pairs, and
@@ -293,7 +301,9 @@ def evaluate(report_dir, truth_field, truth_file, retrieval_shards, model_dir, d
         results["detection"] = ev.evaluate_report(report, noisy)
         click.echo(ev.format_detection(results["detection"]))
     if retrieval_shards:
-        results["retrieval"] = ev.retrieval_metrics(list(retrieval_shards), model_dir, device=device)
+        results["retrieval"] = ev.retrieval_metrics(
+            list(retrieval_shards), model_dir, device=device, allow_download=allow_download
+        )
         click.echo(ev.format_retrieval(results["retrieval"]))
     if json_out:
         Path(json_out).write_text(json.dumps(results, indent=2) + "\n")

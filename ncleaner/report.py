@@ -73,12 +73,14 @@ def score(
     keep_json_fields: Sequence[str] = (),
     progress: bool = True,
     log: Callable[[str], None] = print,
+    *,
+    allow_download: bool = False,
 ) -> ScoreResult:
     """Score every pair of ``shards`` with the model in ``model_dir``; write the report to ``out_dir``."""
     urls = expand_shards(shards)
     names = shard_names(urls)
     schema = report_schema(keep_json_fields)
-    model = NcleanerModel.load(model_dir, resolve_device(device))
+    model = NcleanerModel.load(model_dir, resolve_device(device), allow_download=allow_download)
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise NcleanerError(f"{out}: exists and is not a directory")
