@@ -64,6 +64,40 @@ def build_backbone(name: str, pretrained: str | None, device: str | torch.device
     return Backbone(model=model, preprocess=preprocess, tokenizer=tokenizer, embed_dim=embed_dim)
 
 
+def download_reason(name: str, pretrained: str | None) -> str | None:
+    """Why building ``name`` with ``pretrained`` would make open_clip reach the network, or None.
+
+    Follows open_clip's own resolution (``create_model``, ``get_tokenizer``): an
+    ``hf-hub:`` name fetches its config and weights; a pretrained tag is
+    downloaded, and open_clip looks tags up before files, so a local file named
+    like a tag does not stop it; a Hugging Face text tower or tokenizer fetches
+    its config and vocabulary even without pretrained weights.
+    """
+    if name.startswith("hf-hub:"):
+        return f"backbone {name} is fetched from the Hugging Face hub"
+    local_dir = name.startswith("local-dir:")
+    if pretrained and not local_dir and open_clip.get_pretrained_cfg(name.replace("/", "-"), pretrained):
+        return f"pretrained {pretrained} is an open_clip tag, downloaded from its hub"
+    text_cfg = _model_config(name).get("text_cfg", {})
+    # A local-dir model's tokenizer is read from its directory; its HF text tower's config is not.
+    hub_names = [text_cfg.get("hf_model_name")] + ([] if local_dir else [text_cfg.get("hf_tokenizer_name")])
+    hub_names = [n for n in hub_names if n and not os.path.exists(n)]
+    if hub_names:
+        return f"backbone {name} fetches {hub_names[0]} from the Hugging Face hub"
+    if not local_dir and not text_cfg.get("hf_tokenizer_name") and "siglip" in name.lower():
+        return f"backbone {name} downloads its SigLIP tokenizer vocabulary"
+    return None
+
+
+def _model_config(name: str) -> dict:
+    """open_clip's config of ``name`` without network access ({} when there is none to read)."""
+    key = name if name.startswith("local-dir:") else name.replace("/", "-")  # as open_clip's create_model looks it up
+    try:
+        return open_clip.get_model_config(key) or {}
+    except Exception:  # a local-dir without a readable config: building the backbone says what is wrong
+        return {}
+
+
 @contextmanager
 def _quiet_random_init():
     """open_clip warns on the root logger for every randomly initialised model; without

@@ -96,6 +96,13 @@ def _shard_notes(skipped: dict[str, str], truncated: list[str]) -> str:
     return ("; " + "; ".join(notes)) if notes else ""
 
 
+allow_download_option = click.option(
+    "--allow-download",
+    is_flag=True,
+    help="Let open_clip download the backbone the model names (hf-hub: names, pretrained tags); off by default.",
+)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="ncleaner")
 def main():
@@ -214,9 +221,20 @@ def fit(
 @bad_shard_option
 @max_pixels_option
 @quiet_option
+@allow_download_option
 @user_errors
 def score(
-    shards, model_dir, out_dir, batch_size, device, overwrite, keep_json_fields, on_bad_shard, max_image_pixels, quiet
+    shards,
+    model_dir,
+    out_dir,
+    batch_size,
+    device,
+    overwrite,
+    keep_json_fields,
+    on_bad_shard,
+    max_image_pixels,
+    quiet,
+    allow_download,
 ):
     """Score every pair of SHARDS and write a Parquet report (one row per pair, one file per shard).
 
@@ -237,6 +255,7 @@ def score(
         on_bad_shard=on_bad_shard,
         max_image_pixels=max_image_pixels,
         progress=not quiet,
+        allow_download=allow_download,
     )
     not_ok = {k: v for k, v in result.statuses.items() if k != "ok"}
     click.echo(
@@ -363,9 +382,10 @@ def inject_noise_cmd(shards, out_dir, rate, seed, mode, force):
 )
 @click.option("--model", "model_dir", type=click.Path(), default=None, help="Model directory (with --retrieval).")
 @device_option
+@allow_download_option
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="Also write the numbers here.")
 @user_errors
-def evaluate(report_dir, truth_field, truth_file, retrieval_shards, model_dir, device, json_out):
+def evaluate(report_dir, truth_field, truth_file, retrieval_shards, model_dir, device, allow_download, json_out):
     """Measure noise detection against ground truth, and retrieval on a clean split.
 
     With --report: AUROC and average precision of every score column at finding the noisy pairs, and
@@ -387,7 +407,9 @@ def evaluate(report_dir, truth_field, truth_file, retrieval_shards, model_dir, d
         results["detection"] = ev.evaluate_report(report, noisy)
         click.echo(ev.format_detection(results["detection"]))
     if retrieval_shards:
-        results["retrieval"] = ev.retrieval_metrics(list(retrieval_shards), model_dir, device=device)
+        results["retrieval"] = ev.retrieval_metrics(
+            list(retrieval_shards), model_dir, device=device, allow_download=allow_download
+        )
         click.echo(ev.format_retrieval(results["retrieval"]))
     if json_out:
         Path(json_out).write_text(json.dumps(results, indent=2) + "\n")

@@ -17,6 +17,16 @@ TRAIN_BACKBONE_CHOICES = ("auto", "none", "all")
 # and take 0.7 GB to decode.
 DEFAULT_MAX_IMAGE_PIXELS = 64_000_000
 
+# The JSON values each field annotation accepts, and how a message names them. The keys are the
+# annotations as written (this module's annotations are strings); int is no bool, a float may be an int.
+JSON_TYPES = {
+    "int": ((int,), "an integer"),
+    "float": ((int, float), "a number"),
+    "bool": ((bool,), "true or false"),
+    "str": ((str,), "a string"),
+    "str | None": ((str, type(None)), "a string or null"),
+}
+
 
 @dataclass
 class DisNCLConfig:
@@ -86,12 +96,34 @@ class DisNCLConfig:
             raise ValueError("batch_size must be at least 2 (contrastive batches need negatives)")
         if not 0.0 <= self.identity_mix <= 1.0:
             raise ValueError("identity_mix must be in [0, 1]")
+        if not (self.tau > 0 and self.target_tau > 0):  # also false for NaN
+            raise ValueError("tau and target_tau must be > 0 (similarities are divided by them)")
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True) + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> DisNCLConfig:
-        data = json.loads(Path(path).read_text())
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+    @classmethod
+    def from_dict(cls, data: object) -> DisNCLConfig:
+        """The config a parsed ``config.json`` holds; ValueError names the first field of the wrong type.
+
+        Unknown fields are ignored, so that a config written by a newer version still loads.
+        """
+        if not isinstance(data, dict):
+            raise ValueError("must be a JSON object")
+        values = {}
+        for f in dataclasses.fields(cls):
+            if f.name in data:
+                values[f.name] = _typed(f.name, data[f.name], f.type)
+        return cls(**values)
+
+
+def _typed(name: str, value: object, annotation: str) -> object:
+    """``value`` if JSON gave the field its declared type (ints widened to float), else ValueError."""
+    accepted, described = JSON_TYPES[annotation]
+    if not isinstance(value, accepted) or (isinstance(value, bool) and bool not in accepted):
+        raise ValueError(f"field {name} must be {described}, got {value!r}")
+    return float(value) if annotation == "float" else value

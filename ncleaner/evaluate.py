@@ -133,14 +133,19 @@ def encode_shards(
 
 
 def retrieval_metrics(
-    shards: str | Iterable[str], model_dir: str | Path, device: str = "auto", batch_size: int = 256
+    shards: str | Iterable[str],
+    model_dir: str | Path,
+    device: str = "auto",
+    batch_size: int = 256,
+    *,
+    allow_download: bool = False,
 ) -> dict:
     """Image-text retrieval R@1/5/10 on a clean split, in the MII subspace and in the raw backbone space.
 
     Pairs whose json says ``ncleaner_noisy: true`` are left out (they have no
     true partner), as are samples that cannot be decoded.
     """
-    model = NcleanerModel.load(model_dir, resolve_device(device))
+    model = NcleanerModel.load(model_dir, resolve_device(device), allow_download=allow_download)
     f_v, f_t, skipped = encode_shards(
         model, shards, batch_size, keep=lambda p: p.meta.get("ncleaner_noisy") is not True
     )

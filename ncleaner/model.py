@@ -19,9 +19,9 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from .backbone import Backbone, build_backbone, cosine
+from .backbone import Backbone, build_backbone, cosine, download_reason
 from .config import DisNCLConfig
-from .errors import NcleanerError
+from .errors import NcleanerError, first_line
 from .heads import DisNCLHeads
 from .mixture import TwoComponentMixture
 from .writer import atomic_write
@@ -30,6 +30,13 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 CALIBRATION_FILE = "calibration.json"
 MODEL_FILES = (CONFIG_FILE, WEIGHTS_FILE, CALIBRATION_FILE)
+BANK_TENSORS = ("bank.v", "bank.t")
+# Where the saved heads show the sizes they were built with: (tensor, axis) for each config field.
+HEAD_SIZES = {
+    "embed_dim": ("mii_image.mlp.0.weight", 1),
+    "mei_dim": ("mei_image.2.weight", 0),
+    "hidden_dim": ("mii_image.mlp.0.weight", 0),
+}
 
 
 @dataclass
@@ -72,10 +79,6 @@ class Calibration:
             "mixture": self.mixture.to_dict(),
         }
 
-    @classmethod
-    def from_dict(cls, d: dict) -> Calibration:
-        return cls(d["mii_quantiles"], d["soft_quantiles"], TwoComponentMixture.from_dict(d["mixture"]))
-
 
 def _rank(values: np.ndarray, quantiles: list[float]) -> np.ndarray:
     """Empirical CDF by linear interpolation between stored quantiles (ties broken by a tiny ramp)."""
@@ -117,6 +120,7 @@ class NcleanerModel(torch.nn.Module):
         self.register_buffer("bank_v", torch.zeros(0, config.embed_dim))
         self.register_buffer("bank_t", torch.zeros(0, config.embed_dim))
         self.calibration: Calibration | None = None
+        self.model_dir: Path | None = None  # set by ``load``, so that errors can name the directory
 
     @classmethod
     def create(cls, config: DisNCLConfig, device: str | torch.device = "cpu") -> NcleanerModel:
@@ -137,20 +141,47 @@ class NcleanerModel(torch.nn.Module):
         mii = (v_s * t_s).sum(-1).cpu().numpy()
         soft = soft_agreement(v_s, t_s, self.bank_v, self.bank_t, self.config.tau).cpu().numpy()
         score = self.calibration.score(mii, soft)
-        return {
+        columns = {
             "clip_sim": cosine(f_v, f_t).cpu().numpy().astype(np.float32),
             "mii_sim": mii.astype(np.float32),
             "soft_agreement": soft.astype(np.float32),
             "score": score,
             "clean_prob": self.calibration.clean_prob(mii),
         }
+        # A NaN score sorts as neither clean nor noisy and would pass silently into the report and
+        # the filter: a model that gives one for finite features is broken, so nothing is scored.
+        finite_in = (_finite_rows(f_v) & _finite_rows(f_t)).cpu().numpy()
+        for name, values in columns.items():
+            bad = int((finite_in & ~np.isfinite(values)).sum())
+            if bad:
+                raise NcleanerError(
+                    f"{self._source()}: {name} is not finite for {bad} of {len(values)} pairs with finite features "
+                    f"(damaged {WEIGHTS_FILE}, {CONFIG_FILE} or {CALIBRATION_FILE})"
+                )
+        return columns
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """F_V, F_T for a batch, in eval mode."""
+        """F_V, F_T for a batch, in eval mode (NcleanerError when the backbone's features are not finite)."""
         self.clip.eval()
         device = self.bank_v.device
-        return self.backbone.encode_image(images.to(device)), self.backbone.encode_text(tokens.to(device))
+        f_v, f_t = self.backbone.encode_image(images.to(device)), self.backbone.encode_text(tokens.to(device))
+        # Decoded images and tokens are finite, so non-finite features mean broken backbone weights,
+        # which score_features could not tell from bad input.
+        for what, inputs, features in (("image", images, f_v), ("text", tokens, f_t)):
+            bad = int((_finite_rows(inputs.to(device)) & ~_finite_rows(features)).sum())
+            if bad:
+                raise NcleanerError(
+                    f"{self._source()}: backbone gives non-finite {what} features for {bad} of {len(features)} "
+                    f"pairs (damaged backbone weights)"
+                )
+        return f_v, f_t
+
+    def _source(self) -> str:
+        """What an error message calls this model: its directory, or its backbone before it is saved."""
+        if self.model_dir is not None:
+            return str(self.model_dir)
+        return f"model on backbone {self.config.backbone} ({self.config.pretrained or 'random init'})"
 
     def tokenize(self, captions: list[str]) -> torch.Tensor:
         return self.backbone.tokenizer(captions)
@@ -174,32 +205,201 @@ class NcleanerModel(torch.nn.Module):
         return model_id(out)
 
     @classmethod
-    def load(cls, model_dir: str | Path, device: str | torch.device = "cpu") -> NcleanerModel:
-        """Load a model directory written by ``save`` (one-line error when it is not one)."""
+    def load(
+        cls, model_dir: str | Path, device: str | torch.device = "cpu", *, allow_download: bool = False
+    ) -> NcleanerModel:
+        """Load a model directory written by ``save``; NcleanerError (one line) when it is not a sound one.
+
+        A model that would score wrongly is refused rather than run: a config that
+        does not validate, weights that do not fit the config, non-finite weights.
+        Loading downloads nothing unless ``allow_download``: a backbone that
+        open_clip would fetch (``hf-hub:`` names, pretrained tags) is refused.
+        """
         d = Path(model_dir)
         missing = [f for f in MODEL_FILES if not (d / f).is_file()]
         if missing:
             raise NcleanerError(f"{d}: not an ncleaner model directory (missing {', '.join(missing)})")
-        try:
-            config = DisNCLConfig.load(d / CONFIG_FILE)
-            tensors = load_file(str(d / WEIGHTS_FILE))
-            calibration = Calibration.from_dict(json.loads((d / CALIBRATION_FILE).read_text()))
-        except Exception as exc:
-            raise NcleanerError(f"{d}: cannot read model: {exc}") from exc
+        config = _read_config(d / CONFIG_FILE)
+        # A trained backbone's weights are in model.safetensors: its pretrained tag is not loaded.
         backbone_pretrained = None if config.resolved_train_backbone() == "all" else config.pretrained
-        backbone = build_backbone(config.backbone, backbone_pretrained, device)
+        reason = None if allow_download else download_reason(config.backbone, backbone_pretrained)
+        if reason:
+            raise NcleanerError(
+                f"{d / CONFIG_FILE}: {reason}; loading a model downloads nothing unless allowed (pass --allow-download)"
+            )
+        tensors = _read_tensors(d / WEIGHTS_FILE)
+        calibration = _read_calibration(d / CALIBRATION_FILE)
+        _check_tensors(d, config, tensors)
+        try:
+            backbone = build_backbone(config.backbone, backbone_pretrained, device)
+        except NcleanerError as exc:
+            raise NcleanerError(f"{d / CONFIG_FILE}: {exc}") from exc
+        if backbone.embed_dim != config.embed_dim:
+            raise NcleanerError(
+                f"{d}: backbone {config.backbone} has embed_dim {backbone.embed_dim} "
+                f"but {CONFIG_FILE} says {config.embed_dim}"
+            )
         model = cls(config, backbone)
-        model.bank_v, model.bank_t = tensors.pop("bank.v"), tensors.pop("bank.t")
+        model.bank_v, model.bank_t = (tensors[k] for k in BANK_TENSORS)
         model.heads.load_state_dict(_prefixed(tensors, "heads."))
         if model.trains_backbone:
-            model.clip.load_state_dict(_prefixed(tensors, "backbone."))
+            saved = _prefixed(tensors, "backbone.")
+            _check_fit(d, f"backbone {config.backbone}", _shapes(model.clip), saved)
+            model.clip.load_state_dict(saved)
         model.calibration = calibration
         model.model_id = model_id(d)
+        model.model_dir = d
         return model.to(device).eval()
 
 
 def _prefixed(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
+def _finite_rows(x: torch.Tensor) -> torch.Tensor:
+    """Per row of a batch: are all its values finite (always true for integer tensors such as tokens)."""
+    return torch.isfinite(x.reshape(len(x), -1)).all(dim=1)
+
+
+# -- reading and checking a model directory ----------------------------------------------------------
+
+
+def _read_json_object(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:  # ValueError covers bad JSON and bad UTF-8
+        raise NcleanerError(f"{path}: cannot read JSON: {first_line(exc)}") from exc
+    if not isinstance(data, dict):
+        raise NcleanerError(f"{path}: must be a JSON object")
+    return data
+
+
+def _read_config(path: Path) -> DisNCLConfig:
+    """config.json with every field of its declared type, validated as fit validates it."""
+    data = _read_json_object(path)
+    try:
+        config = DisNCLConfig.from_dict(data)
+        config.validate()
+    except ValueError as exc:
+        raise NcleanerError(f"{path}: {first_line(exc)}") from exc
+    return config
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except Exception as exc:  # safetensors raises its own error type for a damaged header
+        raise NcleanerError(f"{path}: cannot read tensors: {first_line(exc)}") from exc
+
+
+def _read_calibration(path: Path) -> Calibration:
+    """calibration.json, checked field by field so that a damaged one is named with what is wrong."""
+    data = _read_json_object(path)
+    mixture = _field(path, data, "mixture")
+    if not isinstance(mixture, dict):
+        raise NcleanerError(f"{path}: field 'mixture' must be an object")
+    clean = _field(path, mixture, "clean", "mixture.")
+    if clean not in (0, 1) or isinstance(clean, bool):
+        raise NcleanerError(f"{path}: field 'mixture.clean' must be 0 or 1, got {clean!r}")
+    return Calibration(
+        mii_quantiles=_numbers(path, data, "mii_quantiles"),
+        soft_quantiles=_numbers(path, data, "soft_quantiles"),
+        mixture=TwoComponentMixture(
+            weights=_numbers(path, mixture, "weights", "mixture.", length=2),
+            means=_numbers(path, mixture, "means", "mixture.", length=2),
+            variances=_numbers(path, mixture, "variances", "mixture.", length=2),
+            clean=clean,
+        ),
+    )
+
+
+def _field(path: Path, data: dict, name: str, prefix: str = "") -> object:
+    if name not in data:
+        raise NcleanerError(f"{path}: missing field '{prefix}{name}'")
+    return data[name]
+
+
+def _numbers(path: Path, data: dict, name: str, prefix: str = "", length: int | None = None) -> list[float]:
+    """Field ``name``: a non-empty list of finite numbers (of ``length`` numbers when given)."""
+    values = _field(path, data, name, prefix)
+    ok = isinstance(values, list) and len(values) > 0 and (length is None or len(values) == length)
+    ok = ok and all(isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v) for v in values)
+    if not ok:
+        size = f"{length} " if length else "a list of "
+        raise NcleanerError(f"{path}: field '{prefix}{name}' must be {size}finite numbers")
+    return [float(v) for v in values]
+
+
+def _check_tensors(d: Path, config: DisNCLConfig, tensors: dict[str, torch.Tensor]) -> None:
+    """Refuse weights that do not fit the config, before the (possibly large) backbone is built.
+
+    Without these checks a config edited after fit loads without complaint and
+    scores with a randomly initialised backbone, or fails deep inside torch.
+    """
+    trained = config.resolved_train_backbone() == "all"
+    has_backbone = any(k.startswith("backbone.") for k in tensors)
+    if has_backbone and not trained:
+        raise NcleanerError(
+            f"{d}: {WEIGHTS_FILE} holds trained backbone weights but {CONFIG_FILE} says the backbone is frozen "
+            f"(train_backbone {config.train_backbone}, pretrained {config.pretrained})"
+        )
+    if trained and not has_backbone:
+        raise NcleanerError(
+            f"{d}: {CONFIG_FILE} says the backbone was trained (train_backbone {config.train_backbone}, "
+            f"pretrained {config.pretrained}) but {WEIGHTS_FILE} holds no backbone weights"
+        )
+    heads = _prefixed(tensors, "heads.")
+    for name, (key, axis) in HEAD_SIZES.items():
+        if key in heads and heads[key].dim() == 2 and heads[key].shape[axis] != getattr(config, name):
+            raise NcleanerError(
+                f"{d}: {WEIGHTS_FILE} holds heads for {name} {heads[key].shape[axis]} "
+                f"but {CONFIG_FILE} says {getattr(config, name)}"
+            )
+    with torch.device("meta"):  # shapes only: nothing is allocated
+        expected = _shapes(DisNCLHeads(config.embed_dim, config.mei_dim, config.hidden_dim))
+    _check_fit(d, "the heads that config.json describes", expected, heads)
+    _check_bank(d, config, tensors)
+    # The heads and the bank are all that turn features into scores: a NaN in them is a NaN in every score.
+    for key in [*(f"heads.{k}" for k in heads), *BANK_TENSORS]:
+        bad = int((~torch.isfinite(tensors[key])).sum())
+        if bad:
+            raise NcleanerError(f"{d}: {WEIGHTS_FILE} holds {bad} non-finite values in {key} (the file is damaged)")
+
+
+def _check_bank(d: Path, config: DisNCLConfig, tensors: dict[str, torch.Tensor]) -> None:
+    missing = [k for k in BANK_TENSORS if k not in tensors]
+    if missing:
+        raise NcleanerError(f"{d}: {WEIGHTS_FILE} has no reference bank (missing {', '.join(missing)})")
+    for key in BANK_TENSORS:
+        shape = list(tensors[key].shape)
+        if len(shape) != 2 or shape[0] < 1 or shape[1] != config.embed_dim:
+            raise NcleanerError(
+                f"{d}: {WEIGHTS_FILE} holds {key} of shape {shape}, "
+                f"not [pairs, embed_dim {config.embed_dim}] as {CONFIG_FILE} says"
+            )
+    if tensors["bank.v"].shape != tensors["bank.t"].shape:
+        raise NcleanerError(f"{d}: {WEIGHTS_FILE} holds bank.v and bank.t of different shapes")
+
+
+def _shapes(module: torch.nn.Module) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in module.state_dict().items()}
+
+
+def _check_fit(d: Path, what: str, expected: dict[str, tuple[int, ...]], saved: dict[str, torch.Tensor]) -> None:
+    """Refuse saved tensors that ``load_state_dict`` would reject, with the first of each kind of problem."""
+    missing = sorted(expected.keys() - saved.keys())
+    unexpected = sorted(saved.keys() - expected.keys())
+    wrong = [k for k in sorted(expected.keys() & saved.keys()) if tuple(saved[k].shape) != expected[k]]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing (e.g. {missing[0]})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
+    if wrong:
+        k = wrong[0]
+        problems.append(f"{len(wrong)} of the wrong shape (e.g. {k}: {list(saved[k].shape)}, not {list(expected[k])})")
+    if problems:
+        raise NcleanerError(f"{d}: {WEIGHTS_FILE} does not fit {what}: tensors {'; '.join(problems)}")
 
 
 def model_id(model_dir: str | Path) -> str:

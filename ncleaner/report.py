@@ -79,6 +79,7 @@ def score(
     on_bad_shard: str = "fail",
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
     progress: bool = True,
+    allow_download: bool = False,
 ) -> ScoreResult:
     """Score every pair of ``shards`` with the model in ``model_dir``; write the report to ``out_dir``.
 
@@ -95,6 +96,7 @@ def score(
             (``_<shard>.failed.json``, tried again by the next run) and goes on.
         max_image_pixels: larger images are not decoded (status ``too_large``).
         progress: show a progress bar.
+        allow_download: let open_clip download the backbone the model names (see ``NcleanerModel.load``).
     """
     if on_bad_shard not in ("fail", "skip"):
         raise NcleanerError(f"--on-bad-shard {on_bad_shard}: must be fail or skip")
@@ -109,7 +111,7 @@ def score(
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise output_error(out, exc) from exc
-    model = NcleanerModel.load(model_dir, resolve_device(device))
+    model = NcleanerModel.load(model_dir, resolve_device(device), allow_download=allow_download)
     if not overwrite:
         _refuse_other_models(out, model.model_id)
     result = ScoreResult(report_dir=out, model_id=model.model_id)
