@@ -29,7 +29,7 @@ from .errors import NcleanerError, UnreadableShard
 from .model import NcleanerModel
 from .schema import SCORE_COLUMNS, failed_marker, report_paths
 from .shards import expand_shards, read_shard, shard_names
-from .writer import atomic_write, output_error, write_json
+from .writer import atomic_write, output_error, remove_stale_partials, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -111,6 +111,7 @@ def score(
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise output_error(out, exc) from exc
+    remove_stale_partials(out)
     model = NcleanerModel.load(model_dir, resolve_device(device), allow_download=allow_download)
     if not overwrite:
         _refuse_other_models(out, model.model_id)

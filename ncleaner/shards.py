@@ -242,7 +242,11 @@ class ShardReader:
                 # Set before the member is read: a sample whose first member is cut short
                 # still gets its row, flagged, rather than vanishing.
                 key = name_key
-                group.append((info.name, self._entry(tar, info, ext)))
+                entry = self._entry(tar, info, ext)
+                group.append((info.name, entry))
+                if len(entry.data) < info.size:
+                    # Keep what was there (the rejected copy holds it), then end as a damaged shard.
+                    raise tarfile.ReadError(f"{info.name} is cut short ({len(entry.data)} of {info.size} bytes)")
         except _READ_ERRORS as exc:
             self.damage = f"ends early: {_reason(exc)}"
         else:
@@ -258,9 +262,13 @@ class ShardReader:
 
     def _entry(self, tar: tarfile.TarFile, info: tarfile.TarInfo, ext: str) -> Entry:
         if info.isreg():
-            data = tar.extractfile(info).read()
-            if len(data) != info.size:
-                raise tarfile.ReadError("unexpected end of data")
+            if info.issparse():
+                data = tar.extractfile(info).read()
+            else:
+                # Read directly rather than through extractfile, which raises on a short
+                # read and loses the bytes that were there.
+                tar.fileobj.seek(info.offset_data)
+                data = tar.fileobj.read(info.size)
             self._remember(info, data)
             return Entry(ext, data)
         if info.islnk():

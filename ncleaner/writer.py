@@ -54,6 +54,17 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
         raise
 
 
+def remove_stale_partials(directory: str | Path) -> None:
+    """Remove temporary files that killed runs left in ``directory`` (their process is gone).
+
+    A live run's temporary files are left alone, so two runs can share a directory.
+    """
+    for tmp in Path(directory).glob(PARTIAL_PATTERN):
+        pid = tmp.name.rsplit(".", 2)[-2].split("-")[0]
+        if pid.isdigit() and not _process_alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+
+
 def write_json(path: str | Path, data: dict) -> None:
     """Write ``data`` as indented JSON, atomically."""
     text = json.dumps(data, indent=2) + "\n"
@@ -299,8 +310,12 @@ class StagedDir:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
-            self.abort()
+        if exc_type is None:
+            return
+        self.abort()
+        if isinstance(exc, NcleanerError) and str(self.path) in str(exc):
+            # Name the output the user asked for, not the hidden staging directory.
+            raise NcleanerError(str(exc).replace(str(self.path), str(self.final))) from exc
 
 
 def _process_alive(pid: int) -> bool:
