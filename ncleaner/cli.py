@@ -342,7 +342,11 @@ def filter_cmd(
     show_default=True,
     help="permute: captions of the chosen pairs are shuffled among themselves (NCR, NeurIPS 2021).",
 )
-@click.option("--force", is_flag=True, help="Replace shards an earlier inject-noise run wrote to --out.")
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Replace what an earlier inject-noise run wrote to --out (only the files its manifest lists).",
+)
 @user_errors
 def inject_noise_cmd(shards, out_dir, rate, seed, mode, force):
     """Copy SHARDS with a known fraction of captions permuted, recording the truth in each json.

@@ -112,7 +112,10 @@ def expand_shards(specs: str | Iterable[str]) -> list[str]:
         specs = [specs]
     urls: list[str] = []
     for spec in map(str, specs):
-        if os.path.isfile(spec):
+        if "::" in spec and not os.path.exists(spec):
+            # Each part of a list is its own spec: "a.tar::b.tar" is two local files, not a URL scheme.
+            urls.extend(expand_shards(spec.split("::")))
+        elif os.path.isfile(spec):
             urls.append(_as_local(spec))
         elif os.path.isdir(spec):
             found = sorted(glob.glob(os.path.join(glob.escape(spec), "*.tar")))

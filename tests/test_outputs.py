@@ -74,3 +74,37 @@ def test_a_failing_close_still_removes_the_partial_file(small_shards, report, tm
     result = run_cli("filter", small_shards, "--report", report, "--out", tmp_path / "clean", "--auto", ok=False)
     assert result.exit_code == 1 and "No space left on device" in result.output
     assert not list(tmp_path.rglob("*.partial")) and list(tmp_path.iterdir()) == []
+
+
+# -- one model per report, rules that mean something ------------------------------------------------
+
+
+def test_score_refuses_a_report_directory_holding_another_models_parts(small_shards, small_model, tmp_path):
+    other = tmp_path / "other-model"
+    run_cli("fit", small_shards, "--out", other, "--epochs", "1", "--warmup-epochs", "0", "--seed", "3", "--quiet")
+    report = tmp_path / "report"
+    run_cli("score", small_shards / "00000.tar", "--model", small_model, "--out", report, "--quiet")
+    # Another shard, another model, same directory: nothing to overwrite, but rankings would mix.
+    refused = run_cli("score", small_shards / "00001.tar", "--model", other, "--out", report, "--quiet", ok=False)
+    assert refused.exit_code == 1 and "holds shards scored by another model" in refused.output
+    assert sorted(p.name for p in report.iterdir()) == ["00000.parquet", "_00000.done.json"]
+    # With --overwrite the user says they mean it; filter then refuses the mixed report.
+    run_cli("score", small_shards / "00001.tar", "--model", other, "--out", report, "--overwrite", "--quiet")
+    shards = [small_shards / "00000.tar", small_shards / "00001.tar"]
+    mixed = run_cli("filter", *shards, "--report", report, "--out", tmp_path / "c", "--keep-fraction", "0.5", ok=False)
+    assert mixed.exit_code == 1 and "holds scores of 2 models" in mixed.output and not (tmp_path / "c").exists()
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_a_threshold_that_cannot_mean_anything_is_a_usage_error(value, small_shards, report, tmp_path):
+    result = run_cli(
+        "filter", small_shards, "--report", report, "--out", tmp_path / "c", "--threshold", value, ok=False
+    )
+    assert result.exit_code == 2 and "not a finite number" in result.output and not (tmp_path / "c").exists()
+
+
+def test_a_threshold_outside_the_observed_range_warns_with_the_range_and_counts(small_shards, report, tmp_path):
+    result = run_cli("filter", small_shards, "--report", report, "--out", tmp_path / "c", "--threshold", "2")
+    warning = next(line for line in result.output.splitlines() if line.startswith("warning:"))
+    assert "lies outside the score values of this report" in warning and "it keeps 0 of 96 scored pairs" in warning
+    assert "kept 0 of 96 pairs" in result.output

@@ -95,3 +95,10 @@ def test_decode_statuses(messy_shard, preprocess):
 def test_blank_caption_counts_as_missing(tmp_path, preprocess):
     shard = write_tar(tmp_path / "blank.tar", [("k.jpg", jpeg_bytes()), ("k.txt", b"  \n")])
     assert decode_pair(next(read_shard(str(shard))), preprocess).status == "missing_caption"
+
+
+def test_a_list_of_local_names_is_checked_before_any_work(tmp_path, monkeypatch, small_shards):
+    monkeypatch.chdir(small_shards)
+    assert expand_shards("00000.tar::00001.tar") == ["00000.tar", "00001.tar"]
+    with pytest.raises(NcleanerError, match="nope.tar: no such shard file"):
+        expand_shards("00000.tar::nope.tar")
