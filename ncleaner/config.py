@@ -37,7 +37,7 @@ class DisNCLConfig:
     and are recorded so a model can be rebuilt exactly.
     """
 
-    # Backbone (DESIGN.md section 1).
+    # Backbone (docs/design.md section 1).
     backbone: str = TINY_BACKBONE
     pretrained: str | None = None
     train_backbone: str = "auto"  # "none": frozen, features cached; "all": trained with the heads

@@ -1,4 +1,4 @@
-"""Scoring noise detection against known ground truth (DESIGN.md section 6).
+"""Scoring noise detection against known ground truth (docs/design.md section 9).
 
 Ground truth comes from a json field kept in the report (``score
 --keep-json-fields ncleaner_noisy``): true for a pair whose caption was

@@ -1,6 +1,6 @@
 """``filter``: write the kept (and optionally the rejected) samples as new shards.
 
-Guarantees (docs/design.md, "The filter's guarantees"): kept + rejected = every
+Guarantees (docs/design.md section 6, "The filter's guarantees"): kept + rejected = every
 sample read, counted in ``manifest.json``; every member of a written sample has
 the name, bytes and position it was read with; samples that could not be scored
 are rejected, never dropped; the output directory appears only once complete,

@@ -1,6 +1,6 @@
 """DisNCL's modules: the MII/MEI heads and the critics that train against them.
 
-Notation follows DESIGN.md section 2: backbone features F_V, F_T; MII outputs
+Notation follows docs/design.md section 2: backbone features F_V, F_T; MII outputs
 V_S, T_S (the shared subspace); MEI outputs V_X, T_X (what one modality has and
 the other lacks). All head outputs are L2-normalised.
 """
@@ -51,7 +51,7 @@ class DisNCLHeads(nn.Module):
     """MII heads s_V, s_T, MEI heads x_V, x_T, and the decoders of the completeness term.
 
     The decoders map [V_S; V_X] back to F_V (and [T_S; T_X] to F_T); L_reg uses
-    them so that the split keeps the backbone's information (DESIGN.md section 2,
+    them so that the split keeps the backbone's information (docs/design.md section 2,
     "Completeness / regulariser").
     """
 
@@ -106,7 +106,7 @@ class PairDiscriminator(nn.Module):
 
     ``logits(x, s)[i, j]`` scores "x_i and s_j come from the same pair". If MEI
     carried shared content, the critic would find the match; the MEI heads are
-    trained to leave it at chance (DESIGN.md section 2, "Adversarial term").
+    trained to leave it at chance (docs/design.md section 2, "Adversarial term").
     """
 
     def __init__(self, x_dim: int, s_dim: int, hidden: int):

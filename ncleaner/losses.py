@@ -1,4 +1,4 @@
-"""DisNCL's loss terms as pure functions (DESIGN.md section 2).
+"""DisNCL's loss terms as pure functions (docs/design.md section 2).
 
 Each function names the quantity it estimates or bounds. The training loop in
 ``ncleaner.train`` only adds them up with the weights of ``DisNCLConfig``.
@@ -48,7 +48,7 @@ def soft_alignment_loss(
 ) -> torch.Tensor:
     """L_align: weighted symmetric cross-entropy of MII similarities against soft targets.
 
-    Maximises an InfoNCE-style lower bound on I(V_S; T_S) (DESIGN.md section 2,
+    Maximises an InfoNCE-style lower bound on I(V_S; T_S) (docs/design.md section 2,
     "Cross-modal alignment in the MII subspace"), with each pair's two rows
     scaled by its clean weight so pairs that look noisy contribute little.
     ``soft=False`` uses one-hot targets instead (the ablation / plain InfoNCE).

@@ -5,7 +5,7 @@ writes a model directory:
 
     MODEL_DIR/config.json        DisNCLConfig
     MODEL_DIR/model.safetensors  heads, reference bank, and backbone weights when trained
-    MODEL_DIR/calibration.json   score calibration (section 3 of DESIGN.md)
+    MODEL_DIR/calibration.json   score calibration (docs/design.md section 3)
 """
 
 from __future__ import annotations
@@ -47,10 +47,10 @@ class Calibration:
     (empirical CDFs stored as quantiles), so scores of different runs of one
     model are comparable. ``clean_prob`` is the clean posterior of the
     two-component mixture fitted to the training pairs' ``mii_sim``: the same
-    split that weighted the pairs in training. (DESIGN.md fits it to ``score``,
+    split that weighted the pairs in training. (The old external design fitted it to ``score``,
     but a rank-normalised score is close to uniform by construction, so a
     two-component fit on it splits wherever EM lands: on sample_data it once
-    flagged 47 % of the pairs where 20 % were noisy.)
+    flagged 47 % of the pairs where 20 % were noisy; docs/design.md section 3.)
     """
 
     mii_quantiles: list[float]
@@ -90,7 +90,7 @@ def _rank(values: np.ndarray, quantiles: list[float]) -> np.ndarray:
 def soft_agreement(
     v_s: torch.Tensor, t_s: torch.Tensor, bank_v: torch.Tensor, bank_t: torch.Tensor, tau: float
 ) -> torch.Tensor:
-    """How much of the soft cross-modal target each pair keeps for itself (DESIGN.md section 3).
+    """How much of the soft cross-modal target each pair keeps for itself (docs/design.md section 3).
 
     For image i: p_i2t = softmax over {t_i} U bank texts of MII similarity / tau,
     and the mass on t_i is kept; likewise for text i against the bank's images;

@@ -1,4 +1,4 @@
-"""``score``: one Parquet row per input sample, one file per shard (DESIGN.md section 4).
+"""``score``: one Parquet row per input sample, one file per shard (docs/design.md section 4).
 
 REPORT/<shard>.parquet holds the rows of one shard in order; REPORT/_<shard>.done.json
 marks it finished (with the shard, row count and model id), so a re-run skips it.

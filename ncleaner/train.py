@@ -1,6 +1,6 @@
 """``fit``: train a DisNCL model on the user's own shards (no clean labels).
 
-Two regimes (DESIGN.md section 1): a pretrained backbone stays frozen, its
+Two regimes (docs/design.md section 1): a pretrained backbone stays frozen, its
 features are encoded once and only the heads train; a randomly initialised
 backbone trains together with the heads. Its only objective is DisNCL's: the
 MII heads are residual (``heads.ResidualHead``), so aligning the MII subspace
@@ -305,7 +305,7 @@ def _train_epoch(model, critics, data, weights, optimizer, critic_optimizer, sch
 
 def _critic_step(critics: DisNCLCritics, split, optimizer) -> None:
     """Estimators first, on detached outputs: vCLUB's q(x|s) by likelihood, the discriminators
-    by matching (the alternating updates of DESIGN.md section 2)."""
+    by matching (the alternating updates of docs/design.md section 2)."""
     s = {k: v.detach() for k, v in vars(split).items()}
     loss = (
         -losses.gaussian_log_likelihood(critics.club_image, s["v_s"], s["v_x"])

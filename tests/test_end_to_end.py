@@ -1,4 +1,4 @@
-"""fit -> score -> filter through the CLI on real shards, and the guarantees of DESIGN.md sections 4-5."""
+"""fit -> score -> filter through the CLI on real shards, and the guarantees of docs/design.md sections 4 and 6."""
 
 from __future__ import annotations
 

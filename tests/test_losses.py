@@ -1,4 +1,4 @@
-"""Properties each DisNCL term must have (DESIGN.md section 2)."""
+"""Properties each DisNCL term must have (docs/design.md section 2)."""
 
 from __future__ import annotations
 
