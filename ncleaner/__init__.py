@@ -1,11 +1,14 @@
 """ncleaner: find image-caption pairs whose caption does not describe the image.
 
-The package API mirrors the command line::
+The package API mirrors the command line: data positional, every option keyword-only::
 
     from ncleaner import fit, score, filter_shards
     fit("shards/", "model/")
     score("shards/", "model/", "report/")
     filter_shards("shards/", "report/", "clean/", auto=True)
+
+Library functions log through ``logging.getLogger("ncleaner....")`` and show no
+progress bar unless ``progress=True``.
 """
 
 from importlib import import_module
@@ -14,13 +17,26 @@ __version__ = "0.1.0"
 
 _API = {
     "fit": "ncleaner.train",
+    "FitResult": "ncleaner.train",
     "score": "ncleaner.report",
+    "ScoreResult": "ncleaner.report",
     "read_report": "ncleaner.report",
     "filter_shards": "ncleaner.filtering",
+    "FilterResult": "ncleaner.filtering",
+    "Rule": "ncleaner.filtering",
+    "make_rule": "ncleaner.filtering",
+    "inject_noise": "ncleaner.noise",
+    "NoiseResult": "ncleaner.noise",
+    "evaluate_report": "ncleaner.evaluate",
+    "retrieval_metrics": "ncleaner.evaluate",
+    "truth_from_report": "ncleaner.evaluate",
+    "truth_from_file": "ncleaner.evaluate",
     "DisNCLConfig": "ncleaner.config",
     "NcleanerModel": "ncleaner.model",
     "NcleanerError": "ncleaner.errors",
+    "UnreadableShard": "ncleaner.errors",
     "expand_shards": "ncleaner.shards",
+    "read_shard": "ncleaner.shards",
 }
 __all__ = [*_API, "__version__"]
 

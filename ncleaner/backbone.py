@@ -100,18 +100,25 @@ def _model_config(name: str) -> dict:
 
 @contextmanager
 def _quiet_random_init():
-    """open_clip warns on the root logger for every randomly initialised model; without
-    --pretrained that is what was asked for (a trained one's weights are loaded afterwards)."""
+    """Drop open_clip's "No pretrained weights loaded" warning: without --pretrained a random
+    initialisation is what was asked for (a trained backbone's weights are loaded afterwards).
+
+    A logger's filter sees only records logged on that very logger, not those propagated from
+    its children, so the filter goes on every logger open_clip has warned through: the root
+    logger (``logging.warning`` in open_clip 2.x and 3.x) and its own module loggers.
+    """
 
     def drop(record: logging.LogRecord) -> bool:
         return "No pretrained weights loaded" not in record.getMessage()
 
-    root = logging.getLogger()
-    root.addFilter(drop)
+    loggers = [logging.getLogger(name) for name in ("", "open_clip", "open_clip.factory")]
+    for lg in loggers:
+        lg.addFilter(drop)
     try:
         yield
     finally:
-        root.removeFilter(drop)
+        for lg in loggers:
+            lg.removeFilter(drop)
 
 
 def _embed_dim(model: torch.nn.Module) -> int:

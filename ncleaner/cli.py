@@ -10,10 +10,12 @@ import sys
 from pathlib import Path
 
 import click
+from click.core import ParameterSource
 
 from . import __version__
 from .config import DEFAULT_MAX_IMAGE_PIXELS, TRAIN_BACKBONE_CHOICES, DisNCLConfig
 from .errors import NcleanerError, first_line
+from .schema import OK, SCORE_COLUMNS
 
 EXIT_INTERRUPTED = 130
 
@@ -50,15 +52,25 @@ class _EchoHandler(logging.Handler):
         click.echo(prefix + record.getMessage(), err=True)
 
 
-def _show_library_logs() -> None:
-    package = logging.getLogger("ncleaner")
-    if not any(isinstance(h, _EchoHandler) for h in package.handlers):
-        package.addHandler(_EchoHandler())
-        package.setLevel(logging.INFO)
+def verbosity(command):
+    """``-q`` / ``-v`` for a command: they set how much of the library's log shows, and whether
+    progress bars do; the command receives ``progress``.
 
+    The library itself logs through ``logging.getLogger(__name__)`` and shows no progress bar
+    unless asked: this is the one place that turns them on.
+    """
 
-def _log(quiet: bool):
-    return (lambda _msg: None) if quiet else (lambda msg: click.echo(msg, err=True))
+    @click.option("--quiet", "-q", is_flag=True, help="Warnings and errors only: no progress bars, no per-epoch lines.")
+    @click.option("--verbose", "-v", is_flag=True, help="Also debug messages.")
+    @functools.wraps(command)
+    def wrapper(*args, quiet: bool, verbose: bool, **kwargs):
+        package = logging.getLogger("ncleaner")
+        if not any(isinstance(h, _EchoHandler) for h in package.handlers):
+            package.addHandler(_EchoHandler())
+        package.setLevel(logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO)
+        return command(*args, progress=not quiet, **kwargs)
+
+    return wrapper
 
 
 def _finite(ctx, param, value):
@@ -70,7 +82,6 @@ def _finite(ctx, param, value):
 device_option = click.option(
     "--device", default="auto", show_default=True, help="cpu, cuda, cuda:N, or auto (CUDA when present)."
 )
-quiet_option = click.option("--quiet", "-q", is_flag=True, help="No progress bars or per-epoch lines.")
 bad_shard_option = click.option(
     "--on-bad-shard",
     type=click.Choice(["fail", "skip"]),
@@ -111,7 +122,6 @@ def main():
     fit trains a DisNCL model on your shards, score writes a Parquet report with one row per
     pair, filter writes new shards holding the pairs you keep.
     """
-    _show_library_logs()
 
 
 @main.command()
@@ -134,7 +144,9 @@ def main():
     help="none: freeze the backbone and cache its features (default with --pretrained); "
     "all: train it with the heads (default without).",
 )
-@click.option("--epochs", type=click.IntRange(min=1), default=DisNCLConfig.epochs, show_default=True)
+@click.option(
+    "--epochs", type=click.IntRange(min=1), default=DisNCLConfig.epochs, show_default=True, help="Training epochs."
+)
 @click.option(
     "--warmup-epochs",
     type=click.IntRange(min=0),
@@ -142,49 +154,49 @@ def main():
     show_default=True,
     help="Epochs of plain alignment before pairs are weighted by how clean they look.",
 )
-@click.option("--batch-size", type=click.IntRange(min=2), default=DisNCLConfig.batch_size, show_default=True)
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=2),
+    default=DisNCLConfig.batch_size,
+    show_default=True,
+    help="Pairs per contrastive batch.",
+)
 @click.option("--lr", type=float, default=DisNCLConfig.lr, show_default=True, help="Learning rate of the heads.")
-@click.option("--seed", type=int, default=DisNCLConfig.seed, show_default=True)
+@click.option("--seed", type=int, default=DisNCLConfig.seed, show_default=True, help="Seed of every random choice.")
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(dir_okay=False, exists=True),
+    default=None,
+    help="Start from this DisNCLConfig JSON (e.g. an earlier model's config.json); options given here override it.",
+)
+@click.option(
+    "--set",
+    "overrides",
+    multiple=True,
+    metavar="FIELD=VALUE",
+    help="Set any DisNCLConfig field (repeatable), e.g. --set lambda_reg=0.02 --set soft_targets=false.",
+)
 @device_option
 @click.option("--force", is_flag=True, help="Replace an existing model directory (only the files fit writes).")
 @bad_shard_option
 @max_pixels_option
-@quiet_option
+@verbosity
 @user_errors
+@click.pass_context
 def fit(
-    shards,
-    out_dir,
-    backbone,
-    pretrained,
-    train_backbone,
-    epochs,
-    warmup_epochs,
-    batch_size,
-    lr,
-    seed,
-    device,
-    force,
-    on_bad_shard,
-    max_image_pixels,
-    quiet,
+    ctx, shards, out_dir, config_file, overrides, device, force, on_bad_shard, max_image_pixels, progress, **options
 ):
     """Train a DisNCL model on SHARDS (no clean labels needed) and save it to --out.
 
     \b
     SHARDS: directories of .tar files, globs, brace patterns or URL / pipe: specs.
+    The configuration is DisNCLConfig's defaults, then --config, then the options given here,
+    then --set; it is saved as the model's config.json.
     """
     from .train import fit as run_fit
 
-    config = DisNCLConfig(
-        backbone=backbone,
-        pretrained=pretrained,
-        train_backbone=train_backbone,
-        epochs=epochs,
-        warmup_epochs=min(warmup_epochs, epochs),
-        batch_size=batch_size,
-        lr=lr,
-        seed=seed,
-    )
+    config = fit_config(ctx, config_file, options, overrides)
     result = run_fit(
         shards,
         out_dir,
@@ -193,10 +205,9 @@ def fit(
         force=force,
         on_bad_shard=on_bad_shard,
         max_image_pixels=max_image_pixels,
-        progress=not quiet,
-        log=_log(quiet),
+        progress=progress,
     )
-    unused = sum(v for k, v in result.statuses.items() if k != "ok")
+    unused = sum(v for k, v in result.statuses.items() if k != OK)
     truncated = result.statuses.get("truncated_shard", 0)
     click.echo(
         f"model {result.model_id} saved to {result.model_dir}: trained on {result.pairs_used} pairs"
@@ -206,13 +217,30 @@ def fit(
     )
 
 
+def fit_config(ctx: click.Context, config_file: str | None, options: dict, overrides: tuple[str, ...]) -> DisNCLConfig:
+    """DisNCLConfig's defaults, then --config, then the options the user typed, then --set."""
+    try:
+        config = DisNCLConfig.load(config_file) if config_file else DisNCLConfig()
+        typed = {k: v for k, v in options.items() if ctx.get_parameter_source(k) != ParameterSource.DEFAULT}
+        config = config.with_overrides(typed).with_overrides(overrides)
+    except ValueError as exc:
+        raise click.UsageError(f"{config_file or '--set'}: {first_line(exc)}") from None
+    if "warmup_epochs" not in typed and not any(o.startswith("warmup_epochs=") for o in overrides):
+        config = config.with_overrides({"warmup_epochs": min(config.warmup_epochs, config.epochs)})
+    return config
+
+
 @main.command()
 @click.argument("shards", nargs=-1, required=True)
 @click.option("--model", "model_dir", required=True, type=click.Path(), help="Model directory written by fit.")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Report directory to write.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
+@click.option(
+    "--batch-size", type=click.IntRange(min=1), default=256, show_default=True, help="Pairs encoded at a time."
+)
 @device_option
-@click.option("--overwrite", is_flag=True, help="Re-score shards that the report already holds.")
+@click.option(
+    "--overwrite", is_flag=True, help="Re-score shards the report already holds, also those of another model."
+)
 @click.option(
     "--keep-json-fields",
     default="",
@@ -220,8 +248,8 @@ def fit(
 )
 @bad_shard_option
 @max_pixels_option
-@quiet_option
 @allow_download_option
+@verbosity
 @user_errors
 def score(
     shards,
@@ -233,8 +261,8 @@ def score(
     keep_json_fields,
     on_bad_shard,
     max_image_pixels,
-    quiet,
     allow_download,
+    progress,
 ):
     """Score every pair of SHARDS and write a Parquet report (one row per pair, one file per shard).
 
@@ -254,10 +282,10 @@ def score(
         keep_json_fields=fields,
         on_bad_shard=on_bad_shard,
         max_image_pixels=max_image_pixels,
-        progress=not quiet,
+        progress=progress,
         allow_download=allow_download,
     )
-    not_ok = {k: v for k, v in result.statuses.items() if k != "ok"}
+    not_ok = {k: v for k, v in result.statuses.items() if k != OK}
     click.echo(
         f"report {result.report_dir}: {result.rows} rows from {len(result.scored_shards) + len(result.skipped_shards)}"
         f" shard(s), model {result.model_id}"
@@ -273,13 +301,19 @@ def score(
 @click.option(
     "--threshold", type=float, default=None, callback=_finite, help="Keep pairs whose --column is >= this value."
 )
-@click.option("--keep-fraction", type=float, default=None, help="Keep this fraction of pairs, best --column first.")
+@click.option(
+    "--keep-fraction",
+    type=click.FloatRange(0, 1, min_open=True),
+    default=None,
+    help="Keep this fraction of pairs, best --column first.",
+)
 @click.option("--auto", is_flag=True, help="Keep pairs the model judges clean (clean_prob >= 0.5).")
 @click.option(
     "--column",
+    type=click.Choice(SCORE_COLUMNS),
     default="score",
     show_default=True,
-    help="Report column the rule applies to (score, mii_sim, soft_agreement, clip_sim, clean_prob).",
+    help="Report column --threshold and --keep-fraction apply to.",
 )
 @click.option(
     "--rejected-out",
@@ -296,9 +330,21 @@ def score(
     help="Replace what an earlier filter run wrote to --out / --rejected-out (per its manifest).",
 )
 @bad_shard_option
+@verbosity
 @user_errors
 def filter_cmd(
-    shards, report_dir, out_dir, threshold, keep_fraction, auto, column, rejected_out, maxcount, force, on_bad_shard
+    shards,
+    report_dir,
+    out_dir,
+    threshold,
+    keep_fraction,
+    auto,
+    column,
+    rejected_out,
+    maxcount,
+    force,
+    on_bad_shard,
+    progress,
 ):
     """Write the pairs of SHARDS that pass the rule as new shards, byte for byte, with a manifest.json.
 
@@ -307,6 +353,8 @@ def filter_cmd(
     """
     from .filtering import filter_shards
 
+    if (threshold is not None) + (keep_fraction is not None) + auto != 1:
+        raise click.UsageError("give exactly one of --threshold, --keep-fraction or --auto")
     result = filter_shards(
         shards,
         report_dir,
@@ -319,6 +367,7 @@ def filter_cmd(
         maxcount=maxcount,
         force=force,
         on_bad_shard=on_bad_shard,
+        progress=progress,
     )
     rule = result.rule
     reasons = ", ".join(f"{v} {k}" for k, v in sorted(result.rejected_by_reason.items()))
@@ -333,8 +382,10 @@ def filter_cmd(
 @main.command(name="inject-noise")
 @click.argument("shards", nargs=-1, required=True)
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Directory for noisy shards.")
-@click.option("--rate", type=float, required=True, help="Fraction of pairs whose captions are permuted (0..1).")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--rate", type=click.FloatRange(0, 1), required=True, help="Fraction of pairs whose captions are permuted."
+)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the choice and the permutation.")
 @click.option(
     "--mode",
     type=click.Choice(["permute"]),
@@ -356,7 +407,7 @@ def inject_noise_cmd(shards, out_dir, rate, seed, mode, force):
     """
     from .noise import inject_noise
 
-    result = inject_noise(shards, out_dir, rate, seed=seed, mode=mode, force=force)
+    result = inject_noise(shards, out_dir, rate=rate, seed=seed, mode=mode, force=force)
     click.echo(
         f"wrote {result.samples} pairs to {len(result.shards)} shard(s) in {result.out_dir}: "
         f"{result.noisy} of {result.with_caption} captions permuted; truth in {result.truth_file}"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,6 +13,8 @@ from . import __version__
 # A small from-scratch open_clip config registered by ncleaner.backbone, for offline demos and tests.
 TINY_BACKBONE = "ncleaner-tiny"
 TRAIN_BACKBONE_CHOICES = ("auto", "none", "all")
+# Fields a fitted model fills in itself; a user cannot set them.
+DERIVED_FIELDS = ("embed_dim", "version")
 # Decoding guard, not part of a model: 64 megapixels (8000 x 8000) is above anything a caption
 # dataset needs and below Pillow's own warning limit; a 33 KB PNG can declare 144 megapixels
 # and take 0.7 GB to decode.
@@ -106,6 +109,27 @@ class DisNCLConfig:
     def load(cls, path: str | Path) -> DisNCLConfig:
         return cls.from_dict(json.loads(Path(path).read_text()))
 
+    def with_overrides(self, overrides: Mapping[str, object] | Iterable[str]) -> DisNCLConfig:
+        """A copy with some fields replaced; the one way the CLI and the benchmark change a config.
+
+        ``overrides`` is a mapping of field values, or ``FIELD=VALUE`` strings (``fit --set``)
+        whose VALUE is read as JSON when it parses (``0.1``, ``true``, ``null``) and as text
+        otherwise (``ViT-B-32``). Every value must have its field's type, as in ``config.json``.
+        ``embed_dim`` and ``version`` are derived (from the backbone, from the package) and
+        cannot be set. Raises ValueError naming the field.
+        """
+        if not isinstance(overrides, Mapping):
+            overrides = dict(_field_assignment(item) for item in overrides)
+        known = {f.name: f for f in dataclasses.fields(self)}
+        values = {}
+        for name, value in overrides.items():
+            if name not in known:
+                raise ValueError(f"{name}: not a DisNCLConfig field (one of {', '.join(sorted(known))})")
+            if name in DERIVED_FIELDS:
+                raise ValueError(f"{name}: derived, not set (from the backbone or the package version)")
+            values[name] = _typed(name, value, known[name].type)
+        return dataclasses.replace(self, **values)
+
     @classmethod
     def from_dict(cls, data: object) -> DisNCLConfig:
         """The config a parsed ``config.json`` holds; ValueError names the first field of the wrong type.
@@ -119,6 +143,16 @@ class DisNCLConfig:
             if f.name in data:
                 values[f.name] = _typed(f.name, data[f.name], f.type)
         return cls(**values)
+
+
+def _field_assignment(item: str) -> tuple[str, object]:
+    name, equals, text = item.partition("=")
+    if not equals or not name:
+        raise ValueError(f"{item!r}: expected FIELD=VALUE")
+    try:
+        return name, json.loads(text)
+    except ValueError:
+        return name, text
 
 
 def _typed(name: str, value: object, annotation: str) -> object:

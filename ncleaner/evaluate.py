@@ -18,11 +18,12 @@ import torch
 import torch.nn.functional as F
 from sklearn.metrics import average_precision_score, roc_auc_score
 
+from . import schema
 from .backbone import resolve_device
 from .decode import Pair, batched, decode_stream
 from .errors import NcleanerError, first_line
 from .model import NcleanerModel
-from .schema import SCORE_COLUMNS
+from .schema import AUTO_RULE, SCORE_COLUMNS
 from .shards import expand_shards, read_shards
 
 
@@ -38,7 +39,7 @@ def truth_from_report(report: pd.DataFrame, field: str = "ncleaner_noisy") -> np
 
 def detection_metrics(report: pd.DataFrame, noisy: np.ndarray) -> dict[str, dict[str, float]]:
     """AUROC and average precision of each score column at detecting noisy pairs (ok rows only)."""
-    ok = (report["status"] == "ok").to_numpy()
+    ok = (report["status"] == schema.OK).to_numpy()
     y = noisy[ok]
     if y.all() or not y.any():
         raise NcleanerError("ground truth needs both noisy and clean scored pairs")
@@ -82,13 +83,18 @@ def truth_from_file(report: pd.DataFrame, path: str | Path) -> np.ndarray:
 
 def evaluate_report(report: pd.DataFrame, noisy: np.ndarray) -> dict:
     """Detection metrics of every score column, and the kept set of the model's automatic rule."""
-    kept = ((report["status"] == "ok") & (report["clean_prob"] >= 0.5)).to_numpy()
+    rule = AUTO_RULE  # the very rule `filter --auto` applies
+    kept = np.array([rule.keep(s, v) for s, v in zip(report["status"], report[rule.column], strict=True)], dtype=bool)
     return {
         "pairs": len(report),
         "noisy": int(noisy.sum()),
-        "not_scored": int((report["status"] != "ok").sum()),
+        "not_scored": int((report["status"] != schema.OK).sum()),
         "columns": detection_metrics(report, noisy),
-        "auto": {"rule": "clean_prob >= 0.5", "kept": int(kept.sum()), **kept_set_metrics(kept, noisy)},
+        "auto": {
+            "rule": f"{rule.column} >= {rule.threshold}",
+            "kept": int(kept.sum()),
+            **kept_set_metrics(kept, noisy),
+        },
     }
 
 
@@ -113,7 +119,11 @@ def recall_at_k(sim: torch.Tensor, ks: Sequence[int] = (1, 5, 10)) -> dict[str, 
 
 @torch.no_grad()
 def encode_shards(
-    model: NcleanerModel, shards: str | Iterable[str], batch_size: int = 256, keep: Callable[[Pair], bool] = None
+    model: NcleanerModel,
+    shards: str | Iterable[str],
+    *,
+    batch_size: int = 256,
+    keep: Callable[[Pair], bool] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Backbone features (F_V, F_T) of every decodable pair of ``shards`` that ``keep`` accepts,
     in shard order, and the number of samples left out."""
@@ -135,9 +145,9 @@ def encode_shards(
 def retrieval_metrics(
     shards: str | Iterable[str],
     model_dir: str | Path,
+    *,
     device: str = "auto",
     batch_size: int = 256,
-    *,
     allow_download: bool = False,
 ) -> dict:
     """Image-text retrieval R@1/5/10 on a clean split, in the MII subspace and in the raw backbone space.
@@ -147,7 +157,7 @@ def retrieval_metrics(
     """
     model = NcleanerModel.load(model_dir, resolve_device(device), allow_download=allow_download)
     f_v, f_t, skipped = encode_shards(
-        model, shards, batch_size, keep=lambda p: p.meta.get("ncleaner_noisy") is not True
+        model, shards, batch_size=batch_size, keep=lambda p: p.meta.get("ncleaner_noisy") is not True
     )
     v_s, t_s = model.heads.mii(f_v, f_t)
     clip_v, clip_t = F.normalize(f_v, dim=-1), F.normalize(f_t, dim=-1)

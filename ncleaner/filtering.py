@@ -21,31 +21,16 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from tqdm.auto import tqdm
 
 from . import schema
 from .errors import NcleanerError, UnreadableShard
-from .schema import SCORE_COLUMNS, failed_marker, report_paths
+from .schema import AUTO_RULE, SCORE_COLUMNS, Rule, failed_marker, report_paths
 from .shards import expand_shards, read_shard, shard_names
 from .writer import MANIFEST, ShardSink, StagedDir, check_outputs_apart_from_inputs, recorded_files, write_json
 
 logger = logging.getLogger(__name__)
 ON_BAD_SHARD = ("fail", "skip")
-
-
-@dataclass
-class Rule:
-    """Keep a sample when its status is ok and ``column >= threshold``."""
-
-    column: str
-    threshold: float
-    mode: str  # "threshold", "keep_fraction" or "auto"
-    keep_fraction: float | None = None
-
-    def keep(self, status: str, value) -> bool:
-        return status == schema.OK and value is not None and not pd.isna(value) and float(value) >= self.threshold
-
-
-AUTO_RULE = Rule(column="clean_prob", threshold=0.5, mode="auto")
 
 
 def make_rule(
@@ -166,6 +151,7 @@ def filter_shards(
     maxcount: int = 10_000,
     force: bool = False,
     on_bad_shard: str = "fail",
+    progress: bool = False,
 ) -> FilterResult:
     """Split ``shards`` into kept and rejected samples by the report's scores.
 
@@ -180,6 +166,7 @@ def filter_shards(
         force: replace the output of an earlier ``filter`` run (only files its manifest lists).
         on_bad_shard: ``fail`` (default) stops at a shard that cannot be read; ``skip``
             records it in the manifest and goes on.
+        progress: show a progress bar over the samples.
     """
     if on_bad_shard not in ON_BAD_SHARD:
         raise NcleanerError(f"--on-bad-shard {on_bad_shard}: must be one of {', '.join(ON_BAD_SHARD)}")
@@ -205,12 +192,15 @@ def filter_shards(
         )
         kept = ShardSink(kept_stage.path, maxcount)
         rejected = ShardSink(rejected_stage.path, maxcount) if rejected_stage is not None else None
+        total = sum(len(r) for r in reports.values())
+        bar = stack.enter_context(tqdm(total=total, unit="pair", desc="filtering", disable=not progress))
         with kept, rejected or ExitStack():
             for url in urls:
                 if url in skipped:
                     continue
                 try:
                     damaged = _filter_shard(url, reports[url], rule, kept, rejected, reasons)
+                    bar.update(len(reports[url]))
                 except UnreadableShard as exc:
                     if on_bad_shard == "fail":
                         raise

@@ -10,6 +10,7 @@ writes a model directory:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass
@@ -125,8 +126,8 @@ class NcleanerModel(torch.nn.Module):
     @classmethod
     def create(cls, config: DisNCLConfig, device: str | torch.device = "cpu") -> NcleanerModel:
         backbone = build_backbone(config.backbone, config.pretrained, device)
-        config.embed_dim = backbone.embed_dim
-        return cls(config, backbone).to(device)
+        # The caller's config stays as it was: the model carries a copy with the derived width.
+        return cls(dataclasses.replace(config, embed_dim=backbone.embed_dim), backbone).to(device)
 
     @property
     def trains_backbone(self) -> bool:

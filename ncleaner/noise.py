@@ -62,6 +62,7 @@ class NoiseResult:
 def inject_noise(
     shards: str | Iterable[str],
     out_dir: str | Path,
+    *,
     rate: float,
     seed: int = 0,
     mode: str = "permute",

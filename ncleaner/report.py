@@ -27,30 +27,11 @@ from .backbone import resolve_device
 from .decode import DEFAULT_MAX_IMAGE_PIXELS, Pair, batched, decode_stream
 from .errors import NcleanerError, UnreadableShard
 from .model import NcleanerModel
-from .schema import SCORE_COLUMNS, failed_marker, report_paths
+from .schema import SCORE_COLUMNS, failed_marker, report_paths, report_schema
 from .shards import expand_shards, read_shard, shard_names
 from .writer import atomic_write, output_error, remove_stale_partials, write_json
 
 logger = logging.getLogger(__name__)
-
-BASE_FIELDS = [
-    pa.field("key", pa.string()),
-    pa.field("shard", pa.string()),
-    pa.field("index", pa.int64()),
-    pa.field("caption", pa.string()),
-    pa.field("url", pa.string()),
-    pa.field("status", pa.string()),
-    *[pa.field(c, pa.float32()) for c in SCORE_COLUMNS],
-    pa.field("model_id", pa.string()),
-]
-
-
-def report_schema(keep_json_fields: Sequence[str] = ()) -> pa.Schema:
-    """The report's columns; kept json fields follow as text (JSON text for non-string values)."""
-    clash = [f for f in keep_json_fields if f in {b.name for b in BASE_FIELDS}]
-    if clash:
-        raise NcleanerError(f"--keep-json-fields: {', '.join(clash)} would overwrite a report column")
-    return pa.schema(BASE_FIELDS + [pa.field(f, pa.string()) for f in keep_json_fields])
 
 
 @dataclass
@@ -78,7 +59,7 @@ def score(
     keep_json_fields: Sequence[str] = (),
     on_bad_shard: str = "fail",
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
-    progress: bool = True,
+    progress: bool = False,
     allow_download: bool = False,
 ) -> ScoreResult:
     """Score every pair of ``shards`` with the model in ``model_dir``; write the report to ``out_dir``.
@@ -95,7 +76,7 @@ def score(
         on_bad_shard: ``fail`` stops at a shard that cannot be read; ``skip`` records it
             (``_<shard>.failed.json``, tried again by the next run) and goes on.
         max_image_pixels: larger images are not decoded (status ``too_large``).
-        progress: show a progress bar.
+        progress: show one progress bar over the pairs of all shards.
         allow_download: let open_clip download the backbone the model names (see ``NcleanerModel.load``).
     """
     if on_bad_shard not in ("fail", "skip"):
@@ -116,7 +97,10 @@ def score(
     if not overwrite:
         _refuse_other_models(out, model.model_id)
     result = ScoreResult(report_dir=out, model_id=model.model_id)
-    for url, name in zip(urls, names, strict=True):
+    # One bar for the whole pool: the total is unknown until every shard is read, so it counts pairs.
+    bar = tqdm(unit="pair", disable=not progress, dynamic_ncols=True)
+    for done_shards, (url, name) in enumerate(zip(urls, names, strict=True)):
+        bar.set_description(f"scoring, {done_shards}/{len(urls)} shards done")
         target, marker = report_paths(out, name)
         if marker.exists() and not overwrite:
             done = json.loads(marker.read_text())
@@ -130,9 +114,7 @@ def score(
             result.statuses.update(done["statuses"])
             continue
         try:
-            table, damage = _score_shard(
-                model, url, table_schema, keep_json_fields, batch_size, max_image_pixels, progress
-            )
+            table, damage = _score_shard(model, url, table_schema, keep_json_fields, batch_size, max_image_pixels, bar)
         except UnreadableShard as exc:
             if on_bad_shard == "fail":
                 raise
@@ -156,6 +138,8 @@ def score(
         result.statuses.update(statuses)
         if damage:
             result.truncated_shards.append(url)
+    bar.set_description(f"scoring, {len(urls)}/{len(urls)} shards done")
+    bar.close()
     if result.skipped_shards:
         logger.info("skipped %d shard(s) already scored (use --overwrite to redo)", len(result.skipped_shards))
     return result
@@ -183,25 +167,23 @@ def _score_shard(
     keep_json_fields: Sequence[str],
     batch_size: int,
     max_image_pixels: int,
-    progress: bool,
+    bar: tqdm,
 ) -> tuple[pa.Table, str | None]:
     """One shard's report rows, and the reader's damage note when the shard ended early."""
     rows: list[dict] = []
-    name = Path(url).name
     reader = read_shard(url)
     pairs = decode_stream(reader, model.backbone.preprocess, max_pixels=max_image_pixels)
-    with tqdm(desc=f"scoring {name}", unit="pair", disable=not progress, leave=False) as bar:
-        for block in batched(pairs, batch_size):
-            ok = [p for p in block if p.ok]
-            scores: dict = {}
-            if ok:
-                images = torch.stack([p.image for p in ok])
-                scores = model.score_features(*model.encode(images, model.tokenize([p.caption for p in ok])))
-            j = 0  # position of the next ok pair within ``scores``
-            for pair in block:
-                rows.append(_row(pair, model.model_id, scores, j if pair.ok else None, keep_json_fields))
-                j += pair.ok
-            bar.update(len(block))
+    for block in batched(pairs, batch_size):
+        ok = [p for p in block if p.ok]
+        scores: dict = {}
+        if ok:
+            images = torch.stack([p.image for p in ok])
+            scores = model.score_features(*model.encode(images, model.tokenize([p.caption for p in ok])))
+        j = 0  # position of the next ok pair within ``scores``
+        for pair in block:
+            rows.append(_row(pair, model.model_id, scores, j if pair.ok else None, keep_json_fields))
+            j += pair.ok
+        bar.update(len(block))
     if reader.damage:
         # The cut may have taken members of any sample read from this shard: none is scored.
         for row in rows:

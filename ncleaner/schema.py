@@ -1,4 +1,5 @@
-"""The report's vocabulary: every sample status, with what it means.
+"""The report's vocabulary: every sample status with what it means, the score columns, the
+report's Parquet schema and file names, and the filter's rule (the automatic one included).
 
 Kept free of torch so that the reader, the filter and the docs can use it cheaply.
 A sample whose status is not ``ok`` gets a report row with null scores and is
@@ -7,7 +8,14 @@ always rejected by ``filter`` (written to the rejected shards when asked), never
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+
+import pyarrow as pa
+
+from .errors import NcleanerError
 
 OK = "ok"
 
@@ -58,3 +66,40 @@ def report_paths(report_dir: Path, name: str) -> tuple[Path, Path]:
 def failed_marker(report_dir: Path, name: str) -> Path:
     """Where ``score --on-bad-shard skip`` records a shard it could not read (a re-run tries it again)."""
     return report_dir / f"_{name}.failed.json"
+
+
+BASE_FIELDS = [
+    pa.field("key", pa.string()),
+    pa.field("shard", pa.string()),
+    pa.field("index", pa.int64()),
+    pa.field("caption", pa.string()),
+    pa.field("url", pa.string()),
+    pa.field("status", pa.string()),
+    *[pa.field(c, pa.float32()) for c in SCORE_COLUMNS],
+    pa.field("model_id", pa.string()),
+]
+
+
+def report_schema(keep_json_fields: Sequence[str] = ()) -> pa.Schema:
+    """The report's columns; kept json fields follow as text (JSON text for non-string values)."""
+    clash = [f for f in keep_json_fields if f in {b.name for b in BASE_FIELDS}]
+    if clash:
+        raise NcleanerError(f"--keep-json-fields: {', '.join(clash)} would overwrite a report column")
+    return pa.schema(BASE_FIELDS + [pa.field(f, pa.string()) for f in keep_json_fields])
+
+
+@dataclass
+class Rule:
+    """Keep a sample when its status is ok and ``column >= threshold`` (``filter``'s rule, resolved)."""
+
+    column: str
+    threshold: float
+    mode: str  # "threshold", "keep_fraction" or "auto"
+    keep_fraction: float | None = None
+
+    def keep(self, status: str, value) -> bool:
+        return status == OK and value is not None and not math.isnan(value) and float(value) >= self.threshold
+
+
+# `filter --auto` and `evaluate` apply this very rule: the model's own clean/noisy split.
+AUTO_RULE = Rule(column="clean_prob", threshold=0.5, mode="auto")

@@ -28,8 +28,7 @@ from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
-from webdataset import gopen
-from webdataset.shardlists import expand_urls
+from braceexpand import braceexpand
 
 from . import schema
 from .errors import NcleanerError, UnreadableShard
@@ -123,14 +122,14 @@ def expand_shards(specs: str | Iterable[str]) -> list[str]:
                 raise NcleanerError(f"{spec}: directory holds no .tar shards")
             urls.extend(map(_as_local, found))
         elif _REMOTE.match(spec):
-            urls.extend(expand_urls(spec))
+            urls.extend(braceexpand(spec))
         elif _GLOB_CHARS.search(spec):
             found = sorted(p for p in glob.glob(spec) if os.path.isfile(p))
             if not found:
                 raise NcleanerError(f"{spec}: pattern matches no files")
             urls.extend(map(_as_local, found))
         else:
-            for path in expand_urls(spec):
+            for path in braceexpand(spec):
                 if not os.path.isfile(path):
                     raise NcleanerError(f"{path}: no such shard file")
                 urls.append(_as_local(path))
@@ -214,7 +213,7 @@ class ShardReader:
 
     def _read(self) -> Iterator[RawSample]:
         try:
-            stream = open(self.url, "rb") if is_local(self.url) else gopen(self.url, "rb")
+            stream = open(self.url, "rb") if is_local(self.url) else _open_remote(self.url)
         except Exception as exc:
             raise UnreadableShard(f"{self.url}: cannot open shard: {_reason(exc)}") from exc
         try:
@@ -317,6 +316,13 @@ def _problem(group: list[tuple[str, Entry]]) -> str | None:
     if len(set(names)) != len(names):
         return schema.DUPLICATE_MEMBER
     return None
+
+
+def _open_remote(url: str):
+    # webdataset imports torch: only a URL or pipe: spec pays for it.
+    from webdataset import gopen
+
+    return gopen(url, "rb")
 
 
 def read_shard(url: str) -> ShardReader:

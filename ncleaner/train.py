@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -136,8 +136,7 @@ def fit(
     force: bool = False,
     on_bad_shard: str = "fail",
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
-    progress: bool = True,
-    log: Callable[[str], None] = print,
+    progress: bool = False,
 ) -> FitResult:
     """Train a DisNCL model on ``shards`` and save it to ``out_dir``.
 
@@ -151,8 +150,7 @@ def fit(
         on_bad_shard: ``fail`` stops at an unreadable shard; ``skip`` leaves it out
             and lists it in ``FitResult.skipped_shards``.
         max_image_pixels: larger images are not decoded (status ``too_large``).
-        progress: show progress bars.
-        log: receives one line per epoch.
+        progress: show progress bars (the per-epoch lines go to this module's logger, at INFO).
     """
     config = config or DisNCLConfig()
     try:
@@ -163,26 +161,27 @@ def fit(
         raise NcleanerError(f"--on-bad-shard {on_bad_shard}: must be fail or skip")
     urls = expand_shards(shards)
     with StagedDir(out_dir, force=force, owned=lambda _: set(MODEL_FILES)) as stage:
-        result = _fit(urls, stage.path, config, device, on_bad_shard, max_image_pixels, progress, log)
+        result = _fit(urls, stage.path, config, device, on_bad_shard, max_image_pixels, progress)
         result.model_dir = stage.commit()
     return result
 
 
-def _fit(urls, out: Path, config, device, on_bad_shard, max_image_pixels, progress, log) -> FitResult:
+def _fit(urls, out: Path, config, device, on_bad_shard, max_image_pixels, progress) -> FitResult:
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
 
     device = resolve_device(device)
     model = NcleanerModel.create(config, device)
+    config = model.config  # with the backbone's embed_dim
     data = load_training_set(
         urls, model, config.batch_size, progress, on_bad_shard=on_bad_shard, max_image_pixels=max_image_pixels
     )
-    n = data.statuses.get("ok", 0)
+    n = data.statuses.get(schema.OK, 0)
     if n < 4:
         raise NcleanerError(f"{urls[0]}{' ...' if len(urls) > 1 else ''}: only {n} usable pairs; need at least 4")
-    bad = {k: v for k, v in data.statuses.items() if k != "ok"}
+    bad = {k: v for k, v in data.statuses.items() if k != schema.OK}
     if bad:
-        log("not used for training: " + ", ".join(f"{v} {k}" for k, v in sorted(bad.items())))
+        logger.info("not used for training: %s", ", ".join(f"{v} {k}" for k, v in sorted(bad.items())))
     critics = DisNCLCritics(config.embed_dim, config.mei_dim, config.hidden_dim).to(device)
     params = [{"params": model.heads.parameters(), "lr": config.lr}]
     if model.trains_backbone:
@@ -208,10 +207,10 @@ def _fit(urls, out: Path, config, device, on_bad_shard, max_image_pixels, progre
         stats.update(epoch=epoch + 1, mean_weight=float(weights.mean()), flagged=float((weights < 0.5).float().mean()))
         history.append(stats)
         terms = ", ".join(f"{k} {stats[k]:.4f}" for k in ("align", "dis", "reg") if k in stats)
-        log(
-            f"epoch {epoch + 1}/{config.epochs}: loss {stats['loss']:.4f} ({terms}), "
-            f"pairs weighted as noisy {stats['flagged']:.1%}"
-        )
+        logger.info(
+            "epoch %d/%d: loss %.4f (%s), pairs weighted as noisy %.1f%%",
+            epoch + 1, config.epochs, stats["loss"], terms, 100 * stats["flagged"],
+        )  # fmt: skip
 
     _finalise(model, data, config, rng)
     mid = model.save(out)

@@ -15,7 +15,6 @@ writes it, with the command line, to --out.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import platform
@@ -90,7 +89,7 @@ def main() -> None:
     rows = []
     for rate in (float(r) for r in args.rates.split(",")):
         noisy_dir = work / f"train_{rate}"
-        inject_noise(str(work / "train_clean"), noisy_dir, rate, seed=args.seed, force=True)
+        inject_noise(str(work / "train_clean"), noisy_dir, rate=rate, seed=args.seed, force=True)
         for method in methods:
             new_rows = run_method(method, rate, noisy_dir, work, args)
             rows.extend(new_rows)
@@ -130,13 +129,10 @@ def base_config(args, parser) -> DisNCLConfig:
     config = DisNCLConfig(
         epochs=args.epochs, warmup_epochs=min(DisNCLConfig.warmup_epochs, args.epochs - 1), seed=args.seed
     )
-    names = {f.name for f in dataclasses.fields(DisNCLConfig)}
-    for item in args.overrides:
-        name, _, value = item.partition("=")
-        if name not in names or not value:
-            parser.error(f"--set {item}: expected FIELD=VALUE with a DisNCLConfig field")
-        config = replace(config, **{name: json.loads(value)})
-    return config
+    try:
+        return config.with_overrides(args.overrides)
+    except ValueError as exc:
+        parser.error(f"--set: {exc}")
 
 
 def run_method(method: str, rate: float, noisy_dir: Path, work: Path, args) -> list[dict]:
@@ -144,9 +140,9 @@ def run_method(method: str, rate: float, noisy_dir: Path, work: Path, args) -> l
     model_dir, report_dir = work / "models" / tag, work / "reports" / tag
     config = replace(args.base, **METHODS[method])
     start = time.perf_counter()
-    fit(str(noisy_dir), model_dir, config, progress=False, log=lambda _m: None, force=True)
+    fit(str(noisy_dir), model_dir, config, force=True)
     fit_seconds = time.perf_counter() - start
-    score(str(noisy_dir), model_dir, report_dir, overwrite=True, progress=False)
+    score(str(noisy_dir), model_dir, report_dir, overwrite=True)
     report = read_report(report_dir)
     noisy = truth_from_file(report, noisy_dir / TRUTH_FILE)
     retrieval = retrieval_metrics(str(work / "test"), model_dir)

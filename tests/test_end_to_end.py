@@ -47,6 +47,7 @@ def _samples(spec) -> dict[str, dict[str, bytes]]:
     return {s.key: s.members for s in read_shards(expand_shards(str(spec)))}
 
 
+@pytest.mark.slow
 def test_model_directory_holds_weights_config_and_calibration(sample_run):
     model = sample_run["root"] / "model"
     assert sorted(p.name for p in model.iterdir()) == ["calibration.json", "config.json", "model.safetensors"]
@@ -55,6 +56,7 @@ def test_model_directory_holds_weights_config_and_calibration(sample_run):
     assert set(json.loads((model / "calibration.json").read_text())) == {"mii_quantiles", "soft_quantiles", "mixture"}
 
 
+@pytest.mark.slow
 def test_report_has_one_row_per_sample_in_shard_order_with_the_design_schema(sample_run):
     report_dir = sample_run["root"] / "report"
     files = sorted(report_dir.glob("*.parquet"))
@@ -71,6 +73,7 @@ def test_report_has_one_row_per_sample_in_shard_order_with_the_design_schema(sam
     assert duckdb.sql(f"select count(*) from read_parquet('{report_dir}/*.parquet')").fetchall()[0][0] == len(report)
 
 
+@pytest.mark.slow
 def test_score_separates_permuted_captions_better_than_the_raw_backbone(sample_run):
     report = pd.read_parquet(sample_run["root"] / "report")
     metrics = detection_metrics(report, truth_from_report(report))
@@ -79,6 +82,7 @@ def test_score_separates_permuted_captions_better_than_the_raw_backbone(sample_r
     assert metrics["score"]["auroc"] >= metrics["clip_sim"]["auroc"]
 
 
+@pytest.mark.slow
 def test_filter_keeps_plus_rejects_everything_byte_for_byte(sample_run):
     root = sample_run["root"]
     source = _samples(SAMPLE_DATA)
@@ -96,6 +100,7 @@ def test_filter_keeps_plus_rejects_everything_byte_for_byte(sample_run):
     assert f"kept {len(kept)} of {len(source)}" in sample_run["filter"]
 
 
+@pytest.mark.slow
 def test_auto_filter_removes_most_noise(sample_run):
     report = pd.read_parquet(sample_run["root"] / "report")
     noisy = truth_from_report(report)
@@ -104,6 +109,7 @@ def test_auto_filter_removes_most_noise(sample_run):
     assert (~kept[noisy]).mean() > 0.7  # and most permuted captions are gone
 
 
+@pytest.mark.slow
 def test_rerun_of_score_skips_finished_shards(sample_run):
     root = sample_run["root"]
     before = {p.name: p.stat().st_mtime_ns for p in (root / "report").glob("*.parquet")}
@@ -112,6 +118,7 @@ def test_rerun_of_score_skips_finished_shards(sample_run):
     assert {p.name: p.stat().st_mtime_ns for p in (root / "report").glob("*.parquet")} == before
 
 
+@pytest.mark.slow
 def test_filter_is_deterministic_and_respects_maxcount(sample_run, tmp_path):
     root = sample_run["root"]
     for name in ("a", "b"):
@@ -135,6 +142,7 @@ def test_filter_is_deterministic_and_respects_maxcount(sample_run, tmp_path):
     assert manifest["kept_count"] == 800 and manifest["rule"]["mode"] == "keep_fraction"
 
 
+@pytest.mark.slow
 def test_threshold_rule_on_another_column(sample_run, tmp_path):
     root = sample_run["root"]
     report = pd.read_parquet(root / "report")
@@ -200,6 +208,7 @@ def test_bad_samples_are_reported_and_rejected_never_dropped(messy_shard, small_
     assert manifest["rejected_by_reason"] == {"bad_image": 1, "missing_caption": 1, "missing_image": 1, "bad_json": 1}
 
 
+@pytest.mark.slow
 def test_report_refuses_to_mix_models(tmp_path, small_shards, small_model, sample_run):
     run_cli("score", small_shards, "--model", small_model, "--out", tmp_path / "r", "--quiet")
     result = run_cli(

@@ -22,6 +22,7 @@ import pytest
 from conftest import run_cli
 
 REPO = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow  # every test here starts interpreters or runs many commands
 
 
 def run_ncleaner(args: list, patch: str = "") -> subprocess.CompletedProcess:
@@ -272,7 +273,18 @@ def test_ctrl_c_is_one_line_exit_130_and_leaves_nothing_incomplete(
     out = tmp_path / "out"
     args = {
         "score": ["score", small_shards, "--model", small_model, "--out", out, "--batch-size", "8", "--quiet"],
-        "filter": ["filter", small_shards, "--report", reference_report, "--out", out, "--auto", "--maxcount", "10"],
+        "filter": [
+            "filter",
+            small_shards,
+            "--report",
+            reference_report,
+            "--out",
+            out,
+            "--auto",
+            "--maxcount",
+            "10",
+            "-q",
+        ],  # fmt: skip
     }[command]
     result = run_ncleaner(args, INTERRUPT_DURING_SECOND_SHARD[command])
     assert result.returncode == 130, result.stderr

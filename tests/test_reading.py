@@ -102,3 +102,13 @@ def test_a_list_of_local_names_is_checked_before_any_work(tmp_path, monkeypatch,
     assert expand_shards("00000.tar::00001.tar") == ["00000.tar", "00001.tar"]
     with pytest.raises(NcleanerError, match="nope.tar: no such shard file"):
         expand_shards("00000.tar::nope.tar")
+
+
+def test_filter_needs_neither_torch_nor_open_clip():
+    # filter only reads the report and the shards: importing the model stack would cost seconds and a GB.
+    import subprocess
+    import sys
+
+    code = "import sys, ncleaner.filtering; print(sorted(m for m in ('torch', 'open_clip') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -1,0 +1,122 @@
+"""The CLI's conventions and the one configuration dataclass: overrides, validation, logging."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO, run_cli
+
+from ncleaner.backbone import _quiet_random_init, build_backbone
+from ncleaner.config import DisNCLConfig
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"train_backbone": "some"}, "train_backbone must be one of"),
+        ({"train_backbone": "none"}, "a frozen backbone needs pretrained weights"),
+        ({"epochs": 0}, "epochs >= 1"),
+        ({"epochs": 2, "warmup_epochs": 3}, "warmup_epochs <= epochs"),
+        ({"batch_size": 1}, "batch_size must be at least 2"),
+        ({"identity_mix": 1.5}, "identity_mix must be in [0, 1]"),
+        ({"tau": 0.0}, "tau and target_tau must be > 0"),
+    ],
+)
+def test_validate_refuses_each_impossible_config(fields, message):
+    with pytest.raises(ValueError, match=message.replace("[", r"\[")):
+        DisNCLConfig(**fields).validate()
+    DisNCLConfig().validate()  # the defaults are valid
+
+
+def test_with_overrides_reads_field_assignments_with_their_types():
+    base = DisNCLConfig()
+    config = base.with_overrides(["lambda_reg=0.02", "soft_targets=false", "backbone=ViT-B-32", "pretrained=null"])
+    assert (config.lambda_reg, config.soft_targets, config.backbone, config.pretrained) == (
+        0.02,
+        False,
+        "ViT-B-32",
+        None,
+    )
+    assert base == DisNCLConfig()  # a copy, never the caller's object
+    assert base.with_overrides({"epochs": 3}).epochs == 3
+    for bad, message in [
+        (["epochs=1.5"], "field epochs must be an integer"),
+        (["tau=abc"], "field tau must be a number"),
+        (["nosuchfield=1"], "not a DisNCLConfig field"),
+        (["embed_dim=64"], "derived, not set"),
+        (["epochs"], "expected FIELD=VALUE"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            base.with_overrides(bad)
+
+
+def test_fit_takes_config_file_then_typed_options_then_set(small_shards, tmp_path):
+    config_file = tmp_path / "base.json"
+    config_file.write_text(json.dumps({"epochs": 1, "lambda_reg": 0.05, "batch_size": 16}))
+    run_cli("fit", small_shards / "00000.tar", "--out", tmp_path / "m", "--config", config_file, "--epochs", "2",
+            "--set", "mei_dim=16", "--set", "warmup_epochs=1", "--quiet")  # fmt: skip
+    saved = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert (saved["epochs"], saved["lambda_reg"], saved["batch_size"], saved["mei_dim"]) == (2, 0.05, 16, 16)
+    assert saved["warmup_epochs"] == 1 and saved["embed_dim"] == 128
+    refused = run_cli("fit", small_shards, "--out", tmp_path / "n", "--set", "embed_dim=3", ok=False)
+    assert refused.exit_code == 2 and "derived, not set" in refused.output and not (tmp_path / "n").exists()
+
+
+def test_keep_json_fields_may_not_overwrite_a_report_column(small_shards, small_model, tmp_path):
+    result = run_cli("score", small_shards, "--model", small_model, "--out", tmp_path / "r",
+                     "--keep-json-fields", "url,status", ok=False)  # fmt: skip
+    assert result.exit_code == 1 and "status would overwrite a report column" in result.output
+
+
+def test_filter_refuses_a_shard_that_changed_since_it_was_scored(small_shards, small_model, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    shutil.copy(small_shards / "00000.tar", data / "00000.tar")
+    run_cli("score", data, "--model", small_model, "--out", tmp_path / "r", "--quiet")
+    shutil.copy(small_shards / "00001.tar", data / "00000.tar")  # other samples under the same name
+    result = run_cli("filter", data, "--report", tmp_path / "r", "--out", tmp_path / "c", "--auto", ok=False)
+    assert result.exit_code == 1 and "changed since it was scored" in result.output
+    assert not (tmp_path / "c").exists()
+
+
+def test_python_dash_m_ncleaner_is_the_cli():
+    out = subprocess.run([sys.executable, "-m", "ncleaner", "--help"], capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 0 and "fit" in out.stdout and "filter" in out.stdout
+
+
+def test_random_init_warning_is_silenced_on_every_logger_open_clip_uses(caplog):
+    with caplog.at_level(logging.WARNING):
+        build_backbone("ncleaner-tiny", None)  # the installed open_clip's own warning
+        with _quiet_random_init():
+            # A newer open_clip logs through its module logger; the record reaches the root's
+            # handlers without passing the root logger's filters.
+            logging.getLogger("open_clip.factory").warning("No pretrained weights loaded for model 'x'.")
+        logging.getLogger("open_clip.factory").warning("No pretrained weights loaded for model 'y'.")
+    assert [r.getMessage() for r in caplog.records] == ["No pretrained weights loaded for model 'y'."]
+
+
+def test_quiet_and_verbose(small_shards, tmp_path):
+    args = ["fit", small_shards / "00000.tar", "--epochs", "1", "--warmup-epochs", "0", "--batch-size", "16"]
+    normal = run_cli(*args, "--out", tmp_path / "a")
+    quiet = run_cli(*args, "--out", tmp_path / "b", "-q")
+    assert "epoch 1/1" in normal.output and "epoch 1/1" not in quiet.output
+    assert run_cli(*args, "--out", tmp_path / "c", "-v").exit_code == 0
+
+
+def test_every_option_of_every_command_has_help_text():
+    import click
+
+    from ncleaner.cli import main
+
+    missing = [
+        f"{name} {param.opts[0]}"
+        for name, command in main.commands.items()
+        for param in command.params
+        if isinstance(param, click.Option) and not param.help
+    ]
+    assert missing == []
