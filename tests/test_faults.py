@@ -57,19 +57,34 @@ def reference_report(small_shards, small_model, tmp_path_factory) -> Path:
     return out
 
 
-KILL_POINTS = {
-    # The second batch of the second shard is being scored.
-    "during a shard": """
-        import ncleaner.model
+def on_nth_call(owner: str, name: str, n: int, signal_name: str = "SIGKILL") -> str:
+    """Patch code: the process sends itself ``signal_name`` on the n-th call of ``owner.name``.
+
+    ``owner`` is ``module`` or ``module:Class``.
+    """
+    module, _, cls = owner.partition(":")
+    return f"""
+        import importlib
+        target = importlib.import_module("{module}")
+        target = getattr(target, "{cls}") if "{cls}" else target
+        real = getattr(target, "{name}")
         calls = []
-        real = ncleaner.model.NcleanerModel.score_features
-        def score_features(self, *a, **k):
+        def wrapped(*a, **k):
             calls.append(1)
-            if len(calls) == 6:
-                die()
-            return real(self, *a, **k)
-        ncleaner.model.NcleanerModel.score_features = score_features
-    """,
+            if len(calls) == {n}:
+                os.kill(os.getpid(), signal.{signal_name})
+            return real(*a, **k)
+        setattr(target, "{name}", wrapped)
+    """
+
+
+# Scoring 3 shards of 32 pairs in batches of 8: the 6th batch is the second of the second shard.
+SECOND_SHARD_BATCH = ("ncleaner.model:NcleanerModel", "score_features", 6)
+# Filtering with --maxcount 10: the second output shard is being closed.
+SECOND_OUTPUT_SHARD = ("ncleaner.writer:ShardFile", "close", 2)
+
+KILL_POINTS = {
+    "during a shard": on_nth_call(*SECOND_SHARD_BATCH),
     # The second shard's Parquet part is in place, its marker is not.
     "between part and marker": """
         import ncleaner.report
@@ -114,19 +129,8 @@ def test_filter_killed_midway_leaves_no_shard_under_a_final_name_and_rerun_is_id
 ):
     args = ["filter", small_shards, "--report", reference_report, "--keep-fraction", "0.5", "--maxcount", "10"]
     run_cli(*args, "--out", tmp_path / "reference")
-    kill_at_second_shard = """
-        import ncleaner.writer
-        closed = []
-        real = ncleaner.writer.ShardFile.close
-        def close(self):
-            closed.append(1)
-            if len(closed) == 2:
-                die()
-            return real(self)
-        ncleaner.writer.ShardFile.close = close
-    """
     out = tmp_path / "clean"
-    killed = run_ncleaner([*args, "--out", out], kill_at_second_shard)
+    killed = run_ncleaner([*args, "--out", out], on_nth_call(*SECOND_OUTPUT_SHARD))
     assert killed.returncode == -9, killed.stderr
     assert not out.exists()  # not a directory of finished-looking shards without a manifest
     rerun = run_ncleaner([*args, "--out", out])
@@ -241,28 +245,8 @@ def test_pipe_named_shard_in_a_directory_is_not_executed_by_any_command(small_sh
 
 
 INTERRUPT_DURING_SECOND_SHARD = {
-    "score": """
-        import ncleaner.model
-        calls = []
-        real = ncleaner.model.NcleanerModel.score_features
-        def score_features(self, *a, **k):
-            calls.append(1)
-            if len(calls) == 6:
-                os.kill(os.getpid(), signal.SIGINT)
-            return real(self, *a, **k)
-        ncleaner.model.NcleanerModel.score_features = score_features
-    """,
-    "filter": """
-        import ncleaner.writer
-        closed = []
-        real = ncleaner.writer.ShardFile.close
-        def close(self):
-            closed.append(1)
-            if len(closed) == 2:
-                os.kill(os.getpid(), signal.SIGINT)
-            return real(self)
-        ncleaner.writer.ShardFile.close = close
-    """,
+    "score": on_nth_call(*SECOND_SHARD_BATCH, signal_name="SIGINT"),
+    "filter": on_nth_call(*SECOND_OUTPUT_SHARD, signal_name="SIGINT"),
 }
 
 
