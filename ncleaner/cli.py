@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -15,7 +16,7 @@ from click.core import ParameterSource
 from . import __version__
 from .config import DEFAULT_MAX_IMAGE_PIXELS, TRAIN_BACKBONE_CHOICES, DisNCLConfig
 from .errors import NcleanerError, first_line
-from .schema import OK, SCORE_COLUMNS
+from .schema import OK, SCORE_COLUMNS, TRUNCATED_SHARD
 
 EXIT_INTERRUPTED = 130
 
@@ -208,7 +209,7 @@ def fit(
         progress=progress,
     )
     unused = sum(v for k, v in result.statuses.items() if k != OK)
-    truncated = result.statuses.get("truncated_shard", 0)
+    truncated = result.statuses.get(TRUNCATED_SHARD, 0)
     click.echo(
         f"model {result.model_id} saved to {result.model_dir}: trained on {result.pairs_used} pairs"
         + (f" ({unused} could not be used)" if unused else "")
@@ -220,7 +221,10 @@ def fit(
 def fit_config(ctx: click.Context, config_file: str | None, options: dict, overrides: tuple[str, ...]) -> DisNCLConfig:
     """DisNCLConfig's defaults, then --config, then the options the user typed, then --set."""
     try:
-        config = DisNCLConfig.load(config_file) if config_file else DisNCLConfig()
+        config = DisNCLConfig()
+        if config_file:
+            # The derived fields of an earlier model's config.json are this fit's to fill in.
+            config = dataclasses.replace(DisNCLConfig.load(config_file), embed_dim=0, version=config.version)
         typed = {k: v for k, v in options.items() if ctx.get_parameter_source(k) != ParameterSource.DEFAULT}
         config = config.with_overrides(typed).with_overrides(overrides)
     except ValueError as exc:

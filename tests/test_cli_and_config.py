@@ -11,6 +11,7 @@ import sys
 import pytest
 from conftest import REPO, run_cli
 
+import ncleaner
 from ncleaner.backbone import _quiet_random_init, build_backbone
 from ncleaner.config import DisNCLConfig
 
@@ -57,12 +58,12 @@ def test_with_overrides_reads_field_assignments_with_their_types():
 
 def test_fit_takes_config_file_then_typed_options_then_set(small_shards, tmp_path):
     config_file = tmp_path / "base.json"
-    config_file.write_text(json.dumps({"epochs": 1, "lambda_reg": 0.05, "batch_size": 16}))
+    config_file.write_text(json.dumps({"epochs": 1, "lambda_reg": 0.05, "batch_size": 16, "version": "0.0.1"}))
     run_cli("fit", small_shards / "00000.tar", "--out", tmp_path / "m", "--config", config_file, "--epochs", "2",
             "--set", "mei_dim=16", "--set", "warmup_epochs=1", "--quiet")  # fmt: skip
     saved = json.loads((tmp_path / "m" / "config.json").read_text())
     assert (saved["epochs"], saved["lambda_reg"], saved["batch_size"], saved["mei_dim"]) == (2, 0.05, 16, 16)
-    assert saved["warmup_epochs"] == 1 and saved["embed_dim"] == 128
+    assert saved["warmup_epochs"] == 1 and saved["embed_dim"] == 128 and saved["version"] == ncleaner.__version__
     refused = run_cli("fit", small_shards, "--out", tmp_path / "n", "--set", "embed_dim=3", ok=False)
     assert refused.exit_code == 2 and "derived, not set" in refused.output and not (tmp_path / "n").exists()
 
