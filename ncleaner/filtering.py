@@ -122,13 +122,17 @@ def load_shard_reports(
             continue
         why = f"score could not read it: {_failure_reason(failed)}" if failed.is_file() else "run ncleaner score on it"
         raise NcleanerError(f"{table}: no finished report for shard {url} ({why})")
-    model_ids = sorted({m for r in reports.values() for m in r["model_id"].dropna().unique().tolist()})
+    model_ids = _model_ids(reports)
     if len(model_ids) > 1:
         raise NcleanerError(
             f"{report_dir}: holds scores of {len(model_ids)} models ({', '.join(model_ids)}); "
             "re-score every shard with one model (ncleaner score --overwrite)"
         )
     return reports, skipped
+
+
+def _model_ids(reports: dict[str, pd.DataFrame]) -> list[str]:
+    return sorted({m for r in reports.values() for m in r["model_id"].dropna().unique().tolist()})
 
 
 def _failure_reason(path: Path) -> str:
@@ -265,7 +269,7 @@ def _names(paths) -> list[str]:
 
 
 def _manifest(result: FilterResult, urls, report_dir: Path, reports, rejected_out) -> dict:
-    model_ids = sorted({m for r in reports.values() for m in r["model_id"].dropna().unique().tolist()})
+    model_ids = _model_ids(reports)  # at most one: load_shard_reports refuses more
     return {
         "command": "filter",
         "input_shards": urls,

@@ -35,9 +35,20 @@ MANIFEST = "manifest.json"
 PARTIAL_PATTERN = ".*.partial"
 
 
+def _sibling(path: Path, kind: str) -> Path:
+    """A hidden name beside ``path`` that is unique per process and call and records the pid, so
+    that two runs never share one and a later run can tell whether its writer is still alive."""
+    return path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.{kind}")
+
+
+def _left_by_dead_process(entry: Path) -> bool:
+    """Whether a ``_sibling`` name belongs to a process that no longer exists."""
+    pid = entry.name.rsplit(".", 2)[-2].split("-")[0]
+    return pid.isdigit() and not _process_alive(int(pid))
+
+
 def _temp_name(path: Path) -> Path:
-    # Unique per process and call: two runs writing the same target never share a temporary file.
-    return path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.partial")
+    return _sibling(path, "partial")
 
 
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
@@ -60,8 +71,7 @@ def remove_stale_partials(directory: str | Path) -> None:
     A live run's temporary files are left alone, so two runs can share a directory.
     """
     for tmp in Path(directory).glob(PARTIAL_PATTERN):
-        pid = tmp.name.rsplit(".", 2)[-2].split("-")[0]
-        if pid.isdigit() and not _process_alive(int(pid)):
+        if _left_by_dead_process(tmp):
             tmp.unlink(missing_ok=True)
 
 
@@ -266,7 +276,7 @@ class StagedDir:
             raise NcleanerError(f"{self.final}: exists and is not a directory")
         self._replaced = _owned_entries(self.final, owned, force) if self.final.is_dir() else []
         self._remove_stale_stages()
-        self.path = self.final.with_name(f".{self.final.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.staging")
+        self.path = _sibling(self.final, "staging")
         try:
             self.path.mkdir(parents=True)
         except OSError as exc:
@@ -278,8 +288,7 @@ class StagedDir:
         if not parent.is_dir():
             return
         for stage in parent.glob(f".{self.final.name}.*.staging"):
-            pid = stage.name[len(self.final.name) + 2 :].split("-")[0]
-            if pid.isdigit() and not _process_alive(int(pid)):
+            if _left_by_dead_process(stage):
                 shutil.rmtree(stage, ignore_errors=True)
 
     def commit(self) -> Path:
@@ -287,7 +296,7 @@ class StagedDir:
         old = None
         try:
             if self.final.is_dir():
-                old = self.final.with_name(f".{self.final.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.replaced")
+                old = _sibling(self.final, "replaced")
                 os.replace(self.final, old)
             os.replace(self.path, self.final)
         except OSError as exc:
