@@ -78,8 +78,10 @@ def on_nth_call(owner: str, name: str, n: int, signal_name: str = "SIGKILL") -> 
     """
 
 
-# Scoring 3 shards of 32 pairs in batches of 8: the 6th batch is the second of the second shard.
-SECOND_SHARD_BATCH = ("ncleaner.model:NcleanerModel", "score_features", 6)
+# Scoring 3 shards of 32 pairs in batches of 8: the 8th encoded batch is the second shard's last, after
+# the first shard was written, with one decode worker (shards one after the other) or two (blocks taken
+# from each in turn: the first shard's last block is the 7th).
+SECOND_SHARD_BATCH = ("ncleaner.encode:Encoder", "__call__", 8)
 # Filtering with --maxcount 10: the second output shard is being closed.
 SECOND_OUTPUT_SHARD = ("ncleaner.writer:ShardFile", "close", 2)
 
