@@ -27,7 +27,7 @@ _AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 class Encoder:
     """F_V, F_T of stacked images and tokens, under ``torch.inference_mode``: L2-normalised,
-    rounded to float16 values (``_canonical``), as float32 tensors.
+    rounded to float16 values (``canonical``), as float32 tensors.
 
     Args:
         backbone: the open_clip backbone.
@@ -59,7 +59,7 @@ class Encoder:
         with torch.inference_mode(), self._autocast():
             f_v = self.backbone.encode_image(images)
             f_t = encode_text(model, tokens)
-            f_v, f_t = _canonical(f_v), _canonical(f_t)
+            f_v, f_t = canonical(f_v), canonical(f_t)
         # Decoded images and tokens are finite, so non-finite features mean broken backbone
         # weights (or an fp16 overflow), which the heads could not tell from bad input.
         hint = ", or fp16 overflow: try --precision bf16" if self.precision == "fp16" else ""
@@ -73,7 +73,7 @@ class Encoder:
         return f_v, f_t
 
 
-def _canonical(features: torch.Tensor) -> torch.Tensor:
+def canonical(features: torch.Tensor) -> torch.Tensor:
     """L2-normalised and rounded to float16, the precision embeddings are stored in, so that fresh
     features and stored ones are the same numbers: a model fitted from either scores alike."""
     return F.normalize(features.float(), dim=-1).half().float()

@@ -28,6 +28,7 @@ from .backbone import resolve_device
 from .config import DisNCLConfig
 from .decode import DEFAULT_MAX_IMAGE_PIXELS, by_shard, decode_blocks, default_workers
 from .embeddings import EmbeddingStore, open_for_model, shard_features
+from .encode import canonical
 from .errors import NcleanerError, UnreadableShard
 from .heads import DisNCLCritics
 from .mixture import TwoComponentMixture
@@ -341,7 +342,8 @@ def _all_mii(model: NcleanerModel, data: TrainingSet, batch_size: int) -> tuple[
     out_v, out_t = [], []
     for start in range(0, len(data), batch_size * 4):
         idx = torch.arange(start, min(start + batch_size * 4, len(data)))
-        v_s, t_s = model.heads.mii(*_features(model, data, idx))
+        # The values score will see: a trained backbone's features go through the encode stage's rounding.
+        v_s, t_s = model.heads.mii(*(canonical(f) for f in _features(model, data, idx)))
         out_v.append(v_s.cpu())
         out_t.append(t_s.cpu())
     return torch.cat(out_v), torch.cat(out_t)

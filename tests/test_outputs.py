@@ -60,7 +60,9 @@ def test_full_disk_while_writing_shards_is_one_line_and_leaves_nothing_partial(
 
     monkeypatch.setattr(tarfile.TarFile, "addfile", addfile)
     out = tmp_path / "clean"
-    result = run_cli("filter", small_shards, "--report", report, "--out", out, "--threshold", "0", "-q", ok=False)
+    # Every pair kept (so that enough is written to hit the full disk), without a threshold that might
+    # lie below every score and add its own warning line.
+    result = run_cli("filter", small_shards, "--report", report, "--out", out, "--keep-fraction", "1", "-q", ok=False)
     assert result.exit_code == 1 and f"{out}/00000.tar: cannot write here: No space left on device" in result.output
     assert len(result.output.strip().splitlines()) == 1
     assert not out.exists() and list(tmp_path.iterdir()) == []  # no partial shard, no staging directory
