@@ -371,7 +371,7 @@ def _card(pool: pd.DataFrame, i: int, thumbs: dict, key_counts: pd.Series, rule:
         "shard_name": os.path.basename(url) or url,
         # A key found in several shards of the pool is copied with its shard, so that an
         # override names this sample and no other.
-        "copy": key if key_counts.get(key, 0) <= 1 else f"{url}\t{key}",
+        "copy_text": key if key_counts.get(key, 0) <= 1 else f"{url}\t{key}",
         "caption": None if caption is None or (isinstance(caption, float) and math.isnan(caption)) else str(caption),
         "status": status,
         "why": STATUSES.get(status, ""),

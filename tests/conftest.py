@@ -112,10 +112,11 @@ def hostile_shard(tmp_path_factory) -> Path:
         ("h1.jpg", jpeg_bytes((30, 30, 200))),
         ("h1.txt", IMG_CAPTION.encode()),
         ("h1.json", noisy),
+        # The same captions on samples that cannot be scored: their gallery is always on the page.
         ("h2.jpg", b"\xff\xd8\xff not really a jpeg"),
-        ("h2.txt", b"a corrupt image"),
+        ("h2.txt", SCRIPT_CAPTION.encode()),
         ("h2.json", clean),
-        ("h3.txt", b"a caption without an image"),
+        ("h3.txt", IMG_CAPTION.encode()),
         ("h3.json", clean),
         ('h4"<b>x.jpg', jpeg_bytes((200, 200, 30))),
         ('h4"<b>x.txt', b"a key holding markup"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from html.parser import HTMLParser
 
 import numpy as np
@@ -90,6 +91,8 @@ def test_page_shows_the_rule_its_counts_and_the_right_galleries(inspect_pool, tm
     assert cards["above"] == lowest[lowest["score"] >= cut]["key"].head(5).tolist()
     assert len(cards["kept"]) == 5 and set(cards["kept"]) <= set(report.loc[kept, "key"])
     assert sorted(cards["not_ok"]) == ["h2", "h3"]
+    # Keys are unique in this pool: "copy keys" copies the bare key, the form filter --keep-keys reads.
+    assert all(c["data-copy"] == c["data-key"] for cs in page.galleries.values() for c in cs)
     for card in page.galleries["not_ok"]:
         status = report.set_index("key").loc[card["data-key"], "status"]
         assert card["outcome"] == f"rejected: {status} ({STATUSES[status]})"
@@ -254,3 +257,21 @@ def test_bad_key_lists_are_one_line_errors(inspect_pool, tmp_path):
     result = run_cli(*args, "--reject-keys", bad, ok=False)
     assert result.exit_code == 1 and "bad.txt: line 2: expected KEY or SHARD<TAB>KEY" in result.output
     assert not (tmp_path / "k").exists()
+
+
+def test_copied_keys_name_one_sample_when_a_key_repeats_across_shards(hostile_shard, small_model, tmp_path):
+    shards = []
+    for d in ("a", "b"):
+        (tmp_path / d).mkdir()
+        shards.append(str(shutil.copy(hostile_shard, tmp_path / d / "hostile.tar")))
+    run_cli("score", *shards, "--model", small_model, "--out", tmp_path / "report", "-q")
+    inspect_report(shards, tmp_path / "report", tmp_path / "p.html", threshold=1e9, per_gallery=50)
+    copies = {c["data-copy"] for cs in _parse(tmp_path / "p.html").galleries.values() for c in cs}
+    assert {f"{shards[0]}\th0", f"{shards[1]}\th0"} <= copies and "h0" not in copies
+    keep = tmp_path / "keep.txt"
+    keep.write_text(f"{shards[0]}\th0\n")
+    run_cli("filter", *shards, "--report", tmp_path / "report", "--out", tmp_path / "k", "--threshold", "1e9",
+            "--keep-keys", keep)  # fmt: skip
+    manifest = json.loads((tmp_path / "k" / "manifest.json").read_text())
+    assert manifest["kept_count"] == manifest["kept_by_override"] == 1
+    assert set(tar_members(tmp_path / "k" / "00000.tar")) == {"h0.jpg", "h0.txt", "h0.json"}
