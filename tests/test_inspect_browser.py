@@ -22,7 +22,8 @@ from ncleaner.html_report import inspect_report
 BROWSERS = ("chromium", "chromium-browser")
 
 
-@pytest.fixture(scope="module")
+# Session-scoped like the fixtures it guards, so that it is resolved, and skips, before they run.
+@pytest.fixture(scope="session")
 def chromium() -> str:
     for name in BROWSERS:
         found = shutil.which(name)
