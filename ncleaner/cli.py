@@ -408,7 +408,7 @@ def filter_cmd(
     if dry_run:
         click.echo(_dry_run_table(result))
         click.echo(
-            f"dry run: would keep {result.kept_count} of {result.input_count} pairs ({rule.describe()}); "
+            f"dry run: would keep {result.kept_count} of {result.input_count} pairs by {rule.describe()}; "
             f"would reject {result.rejected_count}"
             + (f" ({reasons})" if reasons else "")
             + overridden
