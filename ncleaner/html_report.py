@@ -139,7 +139,7 @@ def inspect_report(
     kept = pool["_ncl_outcome"].map(is_kept).to_numpy(dtype=bool)
     truth = None
     if noisy is not None:
-        from .evaluate import kept_set_metrics  # imports torch: only pages with ground truth pay for it
+        from .evaluate import kept_set_metrics  # scikit-learn and torch: loaded only for ground truth
 
         pool["_ncl_noisy"] = noisy
         truth = {
@@ -203,6 +203,8 @@ def _check_out(out: Path) -> None:
     """Refuse to replace a file this command did not write: --out is often typed next to data."""
     if out.is_dir():
         raise NcleanerError(f"{out}: is a directory; --out names the HTML file to write")
+    if not out.parent.is_dir():
+        raise NcleanerError(f"{out}: no such directory {out.parent}")
     if not out.exists():
         return
     try:
@@ -230,7 +232,7 @@ def _pool(reports: dict[str, pd.DataFrame], rule: Rule) -> pd.DataFrame:
 def _truth(pool: pd.DataFrame, field: str | None, path: str | Path | None) -> np.ndarray | None:
     if field is None and path is None:
         return None
-    from . import evaluate  # imports torch: only pages with ground truth pay for it
+    from . import evaluate  # scikit-learn and torch: loaded only for ground truth
 
     return evaluate.truth_from_file(pool, path) if path is not None else evaluate.truth_from_report(pool, field)
 
