@@ -6,7 +6,7 @@ NCLEANER := $(VENV)/bin/ncleaner
 STAMP := $(VENV)/.ncleaner-installed
 DEMO := demo_out
 
-.PHONY: demo test install lint sample-data clean
+.PHONY: demo test install lint sample-data clean browser screenshot
 
 install: $(STAMP)
 
@@ -24,10 +24,33 @@ demo: $(STAMP)
 		--keep-json-fields ncleaner_noisy
 	$(NCLEANER) filter sample_data --report $(DEMO)/report --out $(DEMO)/clean --auto \
 		--rejected-out $(DEMO)/rejected --force
+	$(NCLEANER) inspect sample_data --report $(DEMO)/report --out $(DEMO)/inspect.html --auto \
+		--truth-field ncleaner_noisy --model $(DEMO)/model
 	$(PY) pipelines/demo_summary.py $(DEMO)
 
-test: $(STAMP)
+# tests/test_inspect_browser.py runs the inspect page in Chromium, the Debian package. It is
+# installed here when missing and apt-get can (as root, or through sudo without a password);
+# where it cannot, this says so and goes on, and the browser test skips, saying why.
+browser:
+	@if command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1; then :; \
+	elif ! command -v apt-get >/dev/null 2>&1; then \
+		echo "make browser: no apt-get here; install Chromium to run the browser test (it skips without it)"; \
+	elif [ "$$(id -u)" = 0 ]; then \
+		(apt-get update -qq && apt-get install -y -qq chromium) || \
+		echo "make browser: apt-get could not install chromium; the browser test skips without it"; \
+	elif sudo -n true 2>/dev/null; then \
+		(sudo apt-get update -qq && sudo apt-get install -y -qq chromium) || \
+		echo "make browser: apt-get could not install chromium; the browser test skips without it"; \
+	else \
+		echo "make browser: installing chromium needs root (sudo apt-get install chromium); the browser test skips"; \
+	fi
+
+test: $(STAMP) browser
 	$(PY) -m pytest -q
+
+# The README's picture of the inspect page (after make demo).
+screenshot: $(STAMP) browser
+	$(PY) pipelines/inspect_screenshot.py $(DEMO)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

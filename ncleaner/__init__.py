@@ -2,9 +2,10 @@
 
 The package API mirrors the command line: data positional, every option keyword-only::
 
-    from ncleaner import fit, score, filter_shards
+    from ncleaner import fit, score, inspect_report, filter_shards
     fit("shards/", "model/")
     score("shards/", "model/", "report/")
+    inspect_report("shards/", "report/", "report.html", keep_fraction=0.8)
     filter_shards("shards/", "report/", "clean/", auto=True)
 
 Library functions log through ``logging.getLogger("ncleaner....")`` and show no
@@ -25,6 +26,8 @@ _API = {
     "FilterResult": "ncleaner.filtering",
     "Rule": "ncleaner.filtering",
     "make_rule": "ncleaner.filtering",
+    "inspect_report": "ncleaner.html_report",
+    "InspectResult": "ncleaner.html_report",
     "inject_noise": "ncleaner.noise",
     "NoiseResult": "ncleaner.noise",
     "evaluate_report": "ncleaner.evaluate",

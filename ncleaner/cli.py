@@ -456,6 +456,23 @@ def embed(shards, backbone, pretrained, out_dir, batch_size, precision, device, 
     help="Also write the rejected pairs here, as shards.",
 )
 @click.option(
+    "--keep-keys",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="File of keys to keep whatever the rule says (KEY or SHARD<TAB>KEY a line; inspect's copy keys).",
+)
+@click.option(
+    "--reject-keys",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="File of keys to reject whatever the rule says (same format as --keep-keys).",
+)
+@click.option(
+    "--dry-run",
+    is_flag=True,
+    help="Print what the rule would keep and reject, per reason and per shard, from the report; write nothing.",
+)
+@click.option(
     "--maxcount", type=click.IntRange(min=1), default=10_000, show_default=True, help="Samples per output shard."
 )
 @click.option(
@@ -475,6 +492,9 @@ def filter_cmd(
     auto,
     column,
     rejected_out,
+    keep_keys,
+    reject_keys,
+    dry_run,
     maxcount,
     force,
     on_bad_shard,
@@ -484,6 +504,8 @@ def filter_cmd(
 
     Give exactly one rule: --threshold, --keep-fraction or --auto. Pairs that could not be scored
     are always rejected. kept + rejected = input, and the counts are in --out/manifest.json.
+    --keep-keys / --reject-keys override the rule for the samples they name (counted apart in the
+    manifest); a sample that could not be scored stays rejected even when --keep-keys names it.
     """
     from .filtering import filter_shards
 
@@ -498,18 +520,134 @@ def filter_cmd(
         auto=auto,
         column=column,
         rejected_out=rejected_out,
+        keep_keys=keep_keys,
+        reject_keys=reject_keys,
+        dry_run=dry_run,
         maxcount=maxcount,
         force=force,
         on_bad_shard=on_bad_shard,
         progress=progress,
     )
     rule = result.rule
-    reasons = ", ".join(f"{v} {k}" for k, v in sorted(result.rejected_by_reason.items()))
+    reasons = _reasons(result.rejected_by_reason)
+    overridden = (
+        f"; {result.kept_by_override} kept and {result.rejected_by_override} rejected by override"
+        if result.overrides.get("keep_keys") or result.overrides.get("reject_keys")
+        else ""
+    )
+    if dry_run:
+        click.echo(_dry_run_table(result))
+        click.echo(
+            f"dry run: would keep {result.kept_count} of {result.input_count} pairs by {rule.describe()}; "
+            f"would reject {result.rejected_count}"
+            + (f" ({reasons})" if reasons else "")
+            + overridden
+            + _shard_notes(result.skipped_shards, [])
+            + "; nothing written"
+        )
+        return
     click.echo(
         f"kept {result.kept_count} of {result.input_count} pairs ({rule.column} >= {rule.threshold:.4g}) "
         f"in {len(result.kept_shards)} shard(s) under {result.out_dir}; rejected {result.rejected_count}"
         + (f" ({reasons})" if reasons else "")
+        + overridden
         + _shard_notes(result.skipped_shards, result.truncated_shards)
+    )
+
+
+def _reasons(by_reason: dict[str, int]) -> str:
+    return ", ".join(f"{v} {k}" for k, v in sorted(by_reason.items()))
+
+
+def _dry_run_table(result) -> str:
+    """One line per shard: input, kept (of which by override), rejected with the reasons."""
+    width = max([len("shard"), *(len(u) for u in result.per_shard)])
+    lines = [f"{'shard':<{width}}  {'input':>7}  {'kept':>7}  {'rejected':>8}  reasons"]
+    for url, c in result.per_shard.items():
+        rejected = sum(c["rejected_by_reason"].values())
+        kept = f"{c['kept']}" + (f" ({c['kept_by_override']} by override)" if c["kept_by_override"] else "")
+        lines.append(
+            f"{url:<{width}}  {c['input']:>7}  {kept:>7}  {rejected:>8}  {_reasons(c['rejected_by_reason']) or '-'}"
+        )
+    return "\n".join(lines)
+
+
+@main.command(name="inspect")
+@click.argument("shards", nargs=-1, required=True)
+@click.option("--report", "report_dir", required=True, type=click.Path(), help="Report directory written by score.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="HTML file to write (e.g. report.html).")
+@click.option(
+    "--threshold", type=float, default=None, callback=_finite, help="Show the rule: keep pairs with --column >= this."
+)
+@click.option(
+    "--keep-fraction",
+    type=click.FloatRange(0, 1, min_open=True),
+    default=None,
+    help="Show the rule: keep this fraction of pairs, best --column first.",
+)
+@click.option("--auto", is_flag=True, help="Show the model's own split, clean_prob >= 0.5 (the default with no rule).")
+@click.option(
+    "--column",
+    type=click.Choice(SCORE_COLUMNS),
+    default="score",
+    show_default=True,
+    help="Report column --threshold and --keep-fraction apply to.",
+)
+@click.option(
+    "--per-gallery",
+    type=click.IntRange(1, 500),
+    default=24,
+    show_default=True,
+    help="Cards in each of the five galleries (bounds the page's size).",
+)
+@click.option(
+    "--truth-field", default=None, help="Report column true for noisy pairs (as in evaluate): cards marked, precision."
+)
+@click.option(
+    "--truth",
+    "truth_file",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Parquet with key and noisy columns (inject-noise's noise_truth.parquet) instead.",
+)
+@click.option("--model", "model_dir", type=click.Path(), default=None, help="The model that scored the report.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random sample of kept pairs.")
+@click.option(
+    "--thumb-px", type=click.IntRange(16, 512), default=160, show_default=True, help="Largest side of a thumbnail."
+)
+@bad_shard_option
+@verbosity
+@user_errors
+def inspect_cmd(shards, report_dir, out, threshold, keep_fraction, auto, column, progress, **options):
+    """Write one self-contained HTML page showing what a rule keeps and rejects, to look before you cut.
+
+    \b
+    The header gives the pool, the statuses, the model and the rule with its counts; a histogram
+    of the column with the cut drawn and the kept share against the threshold; galleries of the
+    lowest pairs, those just below and above the cut, a random sample of kept pairs and the pairs
+    that could not be scored. The page filters, sorts, and copies the selected keys for
+    filter --keep-keys / --reject-keys. It is resolved exactly as filter resolves the rule.
+    """
+    from .html_report import inspect_report
+
+    if (threshold is not None) + (keep_fraction is not None) + auto > 1:
+        raise click.UsageError("give at most one of --threshold, --keep-fraction or --auto")
+    result = inspect_report(
+        shards, report_dir, out, threshold=threshold, keep_fraction=keep_fraction, auto=auto, column=column, **options
+    )
+    rule = result.rule
+    truth = result.truth
+    click.echo(
+        f"wrote {result.out} ({result.size_bytes / 1024:.0f} KiB, {sum(result.cards.values())} cards, "
+        f"{result.thumbnails} images): {result.pool} pairs, {rule.describe()} keeps {result.kept}, "
+        f"rejects {result.rejected}"
+        + (
+            f"; kept set {100 * truth['kept_precision']:.1f}% clean, "
+            f"{100 * truth['noise_removed']:.1f}% of the noise removed"
+            if truth
+            else ""
+        )
+        + _shard_notes(result.skipped_shards, [])
     )
 
 

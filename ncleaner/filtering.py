@@ -5,6 +5,9 @@ sample read, counted in ``manifest.json``; every member of a written sample has
 the name, bytes and position it was read with; samples that could not be scored
 are rejected, never dropped; the output directory appears only once complete,
 and never where it could overwrite or delete an input.
+
+``route`` is the one place a report row becomes kept or rejected (with the reason):
+``filter``, ``filter --dry-run`` and ``inspect`` all go through it, so they agree.
 """
 
 from __future__ import annotations
@@ -24,13 +27,28 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from . import schema
-from .errors import NcleanerError, UnreadableShard
+from .errors import NcleanerError, UnreadableShard, first_line
 from .schema import AUTO_RULE, SCORE_COLUMNS, Rule, failed_marker, report_paths
-from .shards import expand_shards, read_shard, shard_names
-from .writer import MANIFEST, ShardSink, StagedDir, check_outputs_apart_from_inputs, recorded_files, write_json
+from .shards import expand_shards, is_local, read_shard, shard_names
+from .writer import (
+    MANIFEST,
+    ShardSink,
+    StagedDir,
+    check_outputs_apart_from_inputs,
+    recorded_files,
+    replaceable_entries,
+    write_json,
+)
 
 logger = logging.getLogger(__name__)
 ON_BAD_SHARD = ("fail", "skip")
+
+# What ``route`` makes of a row: kept by the rule, kept because --keep-keys names it, or the
+# reason it is rejected: ``below_threshold``, ``override`` (named by --reject-keys), or its status.
+KEPT = "kept"
+KEPT_BY_OVERRIDE = "kept_by_override"
+BELOW_THRESHOLD = "below_threshold"
+OVERRIDE = "override"
 
 
 def make_rule(
@@ -96,6 +114,181 @@ class FilterResult:
     rejected_shards: list[str] = field(default_factory=list)
     skipped_shards: dict[str, str] = field(default_factory=dict)
     truncated_shards: list[str] = field(default_factory=list)
+    kept_by_override: int = 0
+    rejected_by_override: int = 0
+    overrides: dict = field(default_factory=dict)
+    # Per input shard: {"input": n, "kept": n, "kept_by_override": n, "rejected_by_reason": {...}}.
+    per_shard: dict[str, dict] = field(default_factory=dict)
+    dry_run: bool = False
+
+
+@dataclass(frozen=True)
+class KeyLine:
+    """One line of a --keep-keys / --reject-keys file: a key, optionally qualified by its shard."""
+
+    file: str
+    line: int
+    shard: str | None
+    key: str
+
+    def __str__(self) -> str:
+        return f"{self.shard}\t{self.key}" if self.shard is not None else self.key
+
+
+def read_key_list(path: str | Path) -> list[KeyLine]:
+    """The lines of a key list: ``KEY`` or ``SHARD<TAB>KEY`` each, blank lines skipped.
+
+    Only the line ending is stripped: a key is matched exactly as written, so a stray
+    space shows up as a key that matches nothing (reported) rather than as a silent near-match.
+    """
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise NcleanerError(f"{path}: cannot read key list: {exc.strerror or first_line(exc)}") from exc
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise NcleanerError(f"{path}: key list is not UTF-8 text (bad byte at offset {exc.start})") from exc
+    lines = []
+    for n, line in enumerate(text.split("\n"), 1):
+        line = line.removesuffix("\r")
+        if not line.strip():
+            continue
+        parts = line.split("\t")
+        if len(parts) > 2 or not all(parts):
+            raise NcleanerError(f"{path}: line {n}: expected KEY or SHARD<TAB>KEY, got {line!r}")
+        shard, key = (None, parts[0]) if len(parts) == 1 else parts
+        lines.append(KeyLine(str(path), n, shard, key))
+    return lines
+
+
+@dataclass
+class OverridePlan:
+    """Which report rows the key lists name: row positions per shard URL, and what matched nothing."""
+
+    keep: dict[str, set[int]] = field(default_factory=dict)
+    reject: dict[str, set[int]] = field(default_factory=dict)
+    keep_keys: str | None = None
+    reject_keys: str | None = None
+    not_found: dict[str, list[str]] = field(default_factory=lambda: {"keep": [], "reject": []})
+    kept_not_ok: list[dict] = field(default_factory=list)
+
+    def summary(self) -> dict:
+        return {
+            "keep_keys": self.keep_keys,
+            "reject_keys": self.reject_keys,
+            "not_found": self.not_found,
+            "kept_not_ok": self.kept_not_ok,
+        }
+
+
+def _shard_aliases(url: str, name: str) -> set[str]:
+    """The ways a key list may name a shard: as given to score, its path, its file name, or its report stem."""
+    aliases = {url, os.path.normpath(url), os.path.basename(url), name}
+    if is_local(url):
+        aliases.add(os.path.abspath(url))
+    return aliases
+
+
+def resolve_overrides(
+    reports: dict[str, pd.DataFrame],
+    *,
+    keep_keys: str | Path | None = None,
+    reject_keys: str | Path | None = None,
+) -> OverridePlan:
+    """Match the lines of the key lists to report rows (``reports``: shard URL -> its report).
+
+    A bare key names every sample with that key in the pool; ``SHARD<TAB>KEY`` only the one in
+    that shard. A line that names no sample is kept in ``not_found`` and logged: it is most
+    likely a typo or a key from another pool, and the user must hear of it. A sample named by
+    both lists is an error. A sample with a non-ok status named by --keep-keys stays rejected
+    (it has no usable pair to keep) and is listed in ``kept_not_ok``.
+    """
+    plan = OverridePlan(
+        keep_keys=str(keep_keys) if keep_keys is not None else None,
+        reject_keys=str(reject_keys) if reject_keys is not None else None,
+    )
+    if keep_keys is None and reject_keys is None:
+        return plan
+    urls = list(reports)
+    by_key: dict[str, list[tuple[str, int]]] = {}
+    for url, report in reports.items():
+        for i, key in enumerate(report["key"].tolist()):
+            by_key.setdefault(key, []).append((url, i))
+    by_alias: dict[str, set[str]] = {}
+    for url, name in zip(urls, shard_names(urls), strict=True):
+        for alias in _shard_aliases(url, name):
+            by_alias.setdefault(alias, set()).add(url)
+    for which, path in (("keep", keep_keys), ("reject", reject_keys)):
+        if path is None:
+            continue
+        rows = plan.keep if which == "keep" else plan.reject
+        for line in read_key_list(path):
+            shards = None if line.shard is None else by_alias.get(line.shard, set())
+            hits = [(u, i) for u, i in by_key.get(line.key, []) if shards is None or u in shards]
+            if not hits:
+                plan.not_found[which].append(str(line))
+            for u, i in hits:
+                rows.setdefault(u, set()).add(i)
+        if plan.not_found[which]:
+            logger.warning(
+                "%s: %d line(s) match no sample of the pool (e.g. %r); they are listed in the manifest",
+                path,
+                len(plan.not_found[which]),
+                plan.not_found[which][0],
+            )
+    for url, rows in plan.keep.items():
+        both = rows & plan.reject.get(url, set())
+        if both:
+            key = reports[url]["key"].iloc[min(both)]
+            raise NcleanerError(
+                f"{reject_keys}: sample {key!r} of {url} is also in {keep_keys}; "
+                f"{len(both)} sample(s) are in both lists, remove them from one"
+            )
+        report = reports[url]
+        for i in sorted(rows):
+            status = report["status"].iloc[i]
+            if status != schema.OK:
+                plan.kept_not_ok.append({"shard": url, "key": report["key"].iloc[i], "status": status})
+    if plan.kept_not_ok:
+        first = plan.kept_not_ok[0]
+        logger.warning(
+            "%s: %d sample(s) cannot be kept, they have no usable pair (e.g. %s: %s); they stay rejected",
+            keep_keys,
+            len(plan.kept_not_ok),
+            first["key"],
+            first["status"],
+        )
+    return plan
+
+
+def route(
+    report: pd.DataFrame,
+    rule: Rule,
+    *,
+    keep_rows: set[int] | frozenset = frozenset(),
+    reject_rows: set[int] | frozenset = frozenset(),
+) -> list[str]:
+    """What becomes of each row of one shard's report: ``KEPT``, ``KEPT_BY_OVERRIDE``, or the
+    reason it is rejected (``BELOW_THRESHOLD``, ``OVERRIDE``, or its non-ok status).
+
+    An override counts only where it changes the rule's decision: a listed sample the rule
+    already keeps (or rejects) keeps its plain outcome.
+    """
+    outcomes = []
+    values = report[rule.column].tolist()
+    for i, status in enumerate(report["status"].tolist()):
+        if status != schema.OK:
+            outcomes.append(status)  # no usable pair: no list can keep it
+        elif rule.keep(status, values[i]):
+            outcomes.append(OVERRIDE if i in reject_rows else KEPT)
+        else:
+            outcomes.append(KEPT_BY_OVERRIDE if i in keep_rows else BELOW_THRESHOLD)
+    return outcomes
+
+
+def is_kept(outcome: str) -> bool:
+    return outcome in (KEPT, KEPT_BY_OVERRIDE)
 
 
 def load_shard_reports(
@@ -152,6 +345,9 @@ def filter_shards(
     auto: bool = False,
     column: str = "score",
     rejected_out: str | Path | None = None,
+    keep_keys: str | Path | None = None,
+    reject_keys: str | Path | None = None,
+    dry_run: bool = False,
     maxcount: int = 10_000,
     force: bool = False,
     on_bad_shard: str = "fail",
@@ -166,6 +362,12 @@ def filter_shards(
         threshold, keep_fraction, auto: the rule; give exactly one (see ``make_rule``).
         column: the score column ``threshold`` and ``keep_fraction`` apply to.
         rejected_out: also write the rejected samples here, as shards with their own manifest.
+        keep_keys: a file of keys (``KEY`` or ``SHARD<TAB>KEY`` a line) to keep whatever the rule
+            says; a sample with a non-ok status stays rejected (see ``resolve_overrides``).
+        reject_keys: likewise, keys to reject whatever the rule says.
+        dry_run: only count what the rule (and the key lists) would keep and reject, per reason
+            and per shard, from the report alone; no shard is read and nothing is written. The
+            outputs are still checked, so a dry run fails where the real run would refuse them.
         maxcount: samples per output shard.
         force: replace the output of an earlier ``filter`` run (only files its manifest lists).
         on_bad_shard: ``fail`` (default) stops at a shard that cannot be read; ``skip``
@@ -183,11 +385,23 @@ def filter_shards(
     report_dir = Path(report_dir)
     reports, skipped = load_shard_reports(report_dir, urls, on_bad_shard=on_bad_shard)
     rule = make_rule(list(reports.values()), threshold=threshold, keep_fraction=keep_fraction, auto=auto, column=column)
+    plan = resolve_overrides(reports, keep_keys=keep_keys, reject_keys=reject_keys)
+    outcomes = {
+        url: route(report, rule, keep_rows=plan.keep.get(url, set()), reject_rows=plan.reject.get(url, set()))
+        for url, report in reports.items()
+    }
 
     def owned(d: Path) -> set[str] | None:
         return recorded_files(d, "filter")
 
-    reasons: Counter = Counter()
+    if dry_run:
+        for d in (out_dir, rejected_out):
+            if d is not None:
+                replaceable_entries(Path(d), force=force, owned=owned)
+        per_shard = {url: _shard_counts(outcomes[url]) for url in urls if url not in skipped}
+        return _result(Path(out_dir), rule, per_shard, plan, skipped_shards=skipped, dry_run=True)
+
+    per_shard: dict[str, dict] = {}
     truncated: list[str] = []
     with ExitStack() as stack:
         kept_stage = stack.enter_context(StagedDir(out_dir, force=force, owned=owned))
@@ -203,7 +417,7 @@ def filter_shards(
                 if url in skipped:
                     continue
                 try:
-                    damaged = _filter_shard(url, reports[url], rule, kept, rejected, reasons)
+                    damaged = _filter_shard(url, reports[url], outcomes[url], kept, rejected)
                     bar.update(len(reports[url]))
                 except UnreadableShard as exc:
                     if on_bad_shard == "fail":
@@ -211,19 +425,18 @@ def filter_shards(
                     skipped[url] = str(exc)
                     logger.warning("skipped %s", exc)
                     continue
+                per_shard[url] = _shard_counts(outcomes[url])
                 if damaged:
                     truncated.append(url)
-        result = FilterResult(
-            out_dir=Path(out_dir),
-            input_count=kept.count + sum(reasons.values()),
-            kept_count=kept.count,
-            rejected_count=sum(reasons.values()),
-            rejected_by_reason=dict(reasons),
-            rule=rule,
-            kept_shards=[str(Path(out_dir) / p.name) for p in kept.paths],
-            rejected_shards=[str(Path(rejected_out) / p.name) for p in rejected.paths] if rejected else [],
+        result = _result(
+            Path(out_dir),
+            rule,
+            per_shard,
+            plan,
             skipped_shards=skipped,
             truncated_shards=truncated,
+            kept_shards=[str(Path(out_dir) / p.name) for p in kept.paths],
+            rejected_shards=[str(Path(rejected_out) / p.name) for p in rejected.paths] if rejected else [],
         )
         manifest = _manifest(result, urls, report_dir, reports, rejected_out)
         if rejected_stage is not None:
@@ -237,9 +450,41 @@ def filter_shards(
     return result
 
 
-def _filter_shard(url, report: pd.DataFrame, rule: Rule, kept, rejected, reasons: Counter) -> bool:
-    """Route one shard's samples by its report rows; True when the shard is damaged (truncated)."""
-    keys, statuses, values = report["key"].tolist(), report["status"].tolist(), report[rule.column].tolist()
+def _shard_counts(outcomes: list[str]) -> dict:
+    counts = Counter(outcomes)
+    return {
+        "input": len(outcomes),
+        "kept": counts[KEPT] + counts[KEPT_BY_OVERRIDE],
+        "kept_by_override": counts[KEPT_BY_OVERRIDE],
+        "rejected_by_reason": {k: v for k, v in sorted(counts.items()) if not is_kept(k)},
+    }
+
+
+def _result(out_dir: Path, rule: Rule, per_shard: dict[str, dict], plan: OverridePlan, **fields) -> FilterResult:
+    """The totals of the shards routed (``per_shard``), which is what was, or would be, written."""
+    reasons: Counter = Counter()
+    for counts in per_shard.values():
+        reasons.update(counts["rejected_by_reason"])
+    kept = sum(c["kept"] for c in per_shard.values())
+    return FilterResult(
+        out_dir=out_dir,
+        input_count=sum(c["input"] for c in per_shard.values()),
+        kept_count=kept,
+        rejected_count=sum(reasons.values()),
+        rejected_by_reason=dict(reasons),
+        rule=rule,
+        kept_by_override=sum(c["kept_by_override"] for c in per_shard.values()),
+        rejected_by_override=reasons[OVERRIDE],
+        overrides=plan.summary(),
+        per_shard=per_shard,
+        **fields,
+    )
+
+
+def _filter_shard(url, report: pd.DataFrame, outcomes: list[str], kept, rejected) -> bool:
+    """Route one shard's samples by ``route``'s outcomes of its report rows; True when the shard
+    is damaged (truncated)."""
+    keys, statuses = report["key"].tolist(), report["status"].tolist()
     reader = read_shard(url)
     n = 0
     for raw in reader:
@@ -248,12 +493,10 @@ def _filter_shard(url, report: pd.DataFrame, rule: Rule, kept, rejected, reasons
                 f"{url}: sample {n} ({raw.key}) does not match its report row; the shard changed "
                 "since it was scored (run ncleaner score --overwrite)"
             )
-        if rule.keep(statuses[n], values[n]):
+        if is_kept(outcomes[n]):
             kept.write_raw(raw)
-        else:
-            reasons["below_threshold" if statuses[n] == schema.OK else statuses[n]] += 1
-            if rejected is not None:
-                rejected.write_raw(raw)
+        elif rejected is not None:
+            rejected.write_raw(raw)
         n += 1
     if n != len(keys):
         raise NcleanerError(f"{url}: has {n} samples but its report has {len(keys)} rows")
@@ -280,6 +523,9 @@ def _manifest(result: FilterResult, urls, report_dir: Path, reports, rejected_ou
         "skipped_shards": result.skipped_shards,
         "truncated_shards": result.truncated_shards,
         "rule": asdict(result.rule),
+        "kept_by_override": result.kept_by_override,
+        "rejected_by_override": result.rejected_by_override,
+        "overrides": result.overrides,
         "model_id": model_ids[0] if model_ids else None,
         "report": str(report_dir),
         "kept_shards": _names(result.kept_shards),

@@ -105,6 +105,11 @@ class Rule:
     def keep(self, status: str, value) -> bool:
         return status == OK and value is not None and not math.isnan(value) and float(value) >= self.threshold
 
+    def describe(self) -> str:
+        """The rule as given, with the threshold it resolved to: ``score >= 0.4321 (--keep-fraction 0.8)``."""
+        how = f"--keep-fraction {self.keep_fraction:g}" if self.mode == "keep_fraction" else f"--{self.mode}"
+        return f"{self.column} >= {self.threshold:.4g} ({how})"
+
 
 # `filter --auto` and `evaluate` apply this very rule: the model's own clean/noisy split.
 AUTO_RULE = Rule(column="clean_prob", threshold=0.5, mode="auto")

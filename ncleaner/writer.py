@@ -259,6 +259,14 @@ def _owned_entries(out: Path, owned: Callable[[Path], set[str] | None], force: b
     return entries
 
 
+def replaceable_entries(final: Path, *, force: bool, owned: Callable[[Path], set[str] | None]) -> list[Path]:
+    """What an output directory ``final`` holds that a run may replace, or the one-line refusal
+    ``StagedDir`` would give; ``filter --dry-run`` calls it to fail where the real run would."""
+    if final.exists() and not final.is_dir():
+        raise NcleanerError(f"{final}: exists and is not a directory")
+    return _owned_entries(final, owned, force) if final.is_dir() else []
+
+
 class StagedDir:
     """An output directory built under a hidden sibling name and swapped in when complete.
 
@@ -272,9 +280,7 @@ class StagedDir:
 
     def __init__(self, final: str | Path, *, force: bool, owned: Callable[[Path], set[str] | None]):
         self.final = Path(final)
-        if self.final.exists() and not self.final.is_dir():
-            raise NcleanerError(f"{self.final}: exists and is not a directory")
-        self._replaced = _owned_entries(self.final, owned, force) if self.final.is_dir() else []
+        self._replaced = replaceable_entries(self.final, force=force, owned=owned)
         self._remove_stale_stages()
         self.path = _sibling(self.final, "staging")
         try:

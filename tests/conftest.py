@@ -93,3 +93,42 @@ def messy_shard(tmp_path_factory) -> Path:
         ("a7.extra.bin", b"\x00\x01keep me"),
     ]
     return write_tar(d / "00000.tar", members)
+
+
+# Captions that would run script if the page treated them as markup.
+SCRIPT_CAPTION = "<script>document.title='pwned'</script>"
+IMG_CAPTION = "<img src=x onerror=\"document.title='pwned'\">"
+
+
+@pytest.fixture(scope="session")
+def hostile_shard(tmp_path_factory) -> Path:
+    """One shard whose captions and a key are markup, next to samples that cannot be scored."""
+    d = tmp_path_factory.mktemp("hostile")
+    noisy, clean = b'{"ncleaner_noisy": true}', b'{"ncleaner_noisy": false}'
+    members = [
+        ("h0.jpg", jpeg_bytes((30, 200, 30))),
+        ("h0.txt", SCRIPT_CAPTION.encode()),
+        ("h0.json", noisy),
+        ("h1.jpg", jpeg_bytes((30, 30, 200))),
+        ("h1.txt", IMG_CAPTION.encode()),
+        ("h1.json", noisy),
+        # The same captions on samples that cannot be scored: their gallery is always on the page.
+        ("h2.jpg", b"\xff\xd8\xff not really a jpeg"),
+        ("h2.txt", SCRIPT_CAPTION.encode()),
+        ("h2.json", clean),
+        ("h3.txt", IMG_CAPTION.encode()),
+        ("h3.json", clean),
+        ('h4"<b>x.jpg', jpeg_bytes((200, 200, 30))),
+        ('h4"<b>x.txt', b"a key holding markup"),
+        ('h4"<b>x.json', clean),
+    ]
+    return write_tar(d / "hostile.tar", members)
+
+
+@pytest.fixture(scope="session")
+def inspect_pool(small_shards, hostile_shard, small_model, tmp_path_factory) -> dict:
+    """small_shards plus hostile_shard scored by small_model, with the ground truth kept."""
+    report = tmp_path_factory.mktemp("inspect_pool") / "report"
+    shards = [str(small_shards), str(hostile_shard)]
+    run_cli("score", *shards, "--model", small_model, "--out", report, "--keep-json-fields", "ncleaner_noisy", "-q")
+    return {"shards": shards, "report": report, "model": small_model}

@@ -1,0 +1,493 @@
+"""``inspect``: one self-contained HTML page showing what a rule keeps and rejects (docs/design.md section 11).
+
+The page is built from the report and the shards alone: nothing is fetched when it is
+opened (no CDN, no web font; a Content-Security-Policy forbids any request), so it opens
+from disk in any browser and can be mailed around. The rule is resolved and every row
+routed by the very functions ``filter`` uses (``make_rule``, ``route``), so the counts on
+the page are the counts ``filter`` would write.
+
+A caption is data, never markup: the page is rendered by jinja2 with autoescaping on, the
+page's script only ever sets ``textContent``, and the policy allows no script but the
+page's own (by hash), so a caption holding ``<script>`` shows as text.
+
+Images are read from the shards only for the pairs shown, each shard once and only up to
+its last shown sample, and shrunk to JPEG thumbnails of at most ``thumb_px`` pixels a side;
+the number of cards is bounded by ``per_gallery``, so the page size does not grow with the pool.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import json
+import logging
+import math
+import os
+import warnings
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from . import __version__, schema
+from .config import DEFAULT_MAX_IMAGE_PIXELS
+from .errors import NcleanerError, UnreadableShard, first_line
+from .filtering import KEPT, is_kept, load_shard_reports, make_rule, route
+from .schema import SCORE_COLUMNS, STATUSES, Rule
+from .shards import expand_shards, read_shard
+from .writer import atomic_write
+
+logger = logging.getLogger(__name__)
+
+GENERATOR = f"ncleaner inspect {__version__}"
+DEFAULT_PER_GALLERY = 24
+MAX_PER_GALLERY = 500
+DEFAULT_THUMB_PX = 160
+MAX_THUMB_PX = 512
+HISTOGRAM_BINS = 40
+CURVE_POINTS = 200
+# How much of an existing --out is read to recognise a page this command wrote.
+_SNIFF_BYTES = 4096
+
+GALLERIES = (
+    ("lowest", "Lowest-scoring pairs", "The scored pairs with the lowest {column}, lowest first."),
+    ("below", "Just below the cut", "Rejected by the rule: the highest {column} under the threshold, closest first."),
+    ("above", "Just above the cut", "Kept by the rule: the lowest {column} at or over the threshold, closest first."),
+    ("kept", "Random sample of kept pairs", "Drawn at random (seed {seed}) from every pair the rule keeps."),
+    ("not_ok", "Not scored", "Samples with a non-ok status, always rejected; each status is represented."),
+)
+
+
+@dataclass
+class InspectResult:
+    """What ``inspect_report`` wrote: the page, its size, and the counts it shows."""
+
+    out: Path
+    size_bytes: int
+    pool: int
+    kept: int
+    rejected: int
+    rule: Rule
+    cards: dict[str, int] = field(default_factory=dict)
+    thumbnails: int = 0
+    truth: dict | None = None
+    skipped_shards: dict[str, str] = field(default_factory=dict)
+
+
+def inspect_report(
+    shards: str | Iterable[str],
+    report_dir: str | Path,
+    out: str | Path,
+    *,
+    threshold: float | None = None,
+    keep_fraction: float | None = None,
+    auto: bool = False,
+    column: str = "score",
+    per_gallery: int = DEFAULT_PER_GALLERY,
+    truth_field: str | None = None,
+    truth_file: str | Path | None = None,
+    model_dir: str | Path | None = None,
+    seed: int = 0,
+    thumb_px: int = DEFAULT_THUMB_PX,
+    on_bad_shard: str = "fail",
+) -> InspectResult:
+    """Write one self-contained HTML page showing what a rule keeps and rejects in a scored pool.
+
+    Args:
+        shards: the SHARDS that were scored (any form ``expand_shards`` takes).
+        report_dir: the report ``score`` wrote for them.
+        out: the HTML file to write. An existing file is replaced only when this command wrote it.
+        threshold, keep_fraction, auto: the rule, as for ``filter_shards``; with none given the
+            model's own split (``auto``) is shown.
+        column: the score column ``threshold`` and ``keep_fraction`` apply to.
+        per_gallery: cards per gallery (1 to 500); five galleries bound the page's size.
+        truth_field: a report column (kept with ``score --keep-json-fields``) true for noisy
+            pairs: cards are marked and the header gives the rule's precision and noise removed.
+        truth_file: instead, a Parquet with ``key`` and ``noisy`` columns (``inject-noise``'s
+            ``noise_truth.parquet``).
+        model_dir: the model that scored the report, to show its backbone; it must be the
+            model whose id the report carries.
+        seed: seed of the random sample of kept pairs.
+        thumb_px: largest side of a thumbnail, in pixels (16 to 512).
+        on_bad_shard: ``skip`` leaves out shards ``score --on-bad-shard skip`` could not read;
+            ``fail`` (default) stops at them, as ``filter`` does.
+    """
+    if not 1 <= per_gallery <= MAX_PER_GALLERY:
+        raise NcleanerError(f"--per-gallery {per_gallery}: must be between 1 and {MAX_PER_GALLERY}")
+    if not 16 <= thumb_px <= MAX_THUMB_PX:
+        raise NcleanerError(f"--thumb-px {thumb_px}: must be between 16 and {MAX_THUMB_PX}")
+    if truth_field is not None and truth_file is not None:
+        raise NcleanerError("give at most one of --truth-field and --truth")
+    out = Path(out)
+    _check_out(out)
+    urls = expand_shards(shards)
+    reports, skipped = load_shard_reports(Path(report_dir), urls, on_bad_shard=on_bad_shard)
+    if threshold is None and keep_fraction is None and not auto:
+        auto = True
+    rule = make_rule(list(reports.values()), threshold=threshold, keep_fraction=keep_fraction, auto=auto, column=column)
+    pool = _pool(reports, rule)
+    if pool.empty:
+        raise NcleanerError(f"{report_dir}: the report holds no rows for these shards")
+    noisy = _truth(pool, truth_field, truth_file)
+    model = _model_info(pool, model_dir)
+
+    kept = pool["_ncl_outcome"].map(is_kept).to_numpy(dtype=bool)
+    truth = None
+    if noisy is not None:
+        from .evaluate import kept_set_metrics  # scikit-learn and torch: loaded only for ground truth
+
+        pool["_ncl_noisy"] = noisy
+        truth = {
+            "field": truth_field or str(truth_file),
+            "noisy": int(noisy.sum()),
+            **kept_set_metrics(kept, noisy),
+        }
+    chosen = _galleries(pool, rule, per_gallery, seed)
+    thumbs = _thumbnails(pool, sorted({i for rows in chosen.values() for i in rows}), thumb_px)
+
+    ok_values = pool.loc[pool["status"] == schema.OK, rule.column].to_numpy(dtype=np.float64)
+    finite = np.isfinite(ok_values)
+    ok_noisy = noisy[(pool["status"] == schema.OK).to_numpy()][finite] if noisy is not None else None
+    charts = _charts(ok_values[finite], rule.threshold, ok_noisy, int(noisy.sum()) if noisy is not None else 0)
+    key_counts = pool["key"].value_counts()
+    context = {
+        "generator": GENERATOR,
+        "title": f"ncleaner inspect: {rule.describe()}",
+        "pool": len(pool),
+        "shards": len(reports),
+        "skipped": skipped,
+        "statuses": _status_rows(pool),
+        "model": model,
+        "rule": rule.describe(),
+        "rule_column": rule.column,
+        "kept": int(kept.sum()),
+        "rejected": int((~kept).sum()),
+        "rejected_by_reason": pool.loc[~kept, "_ncl_outcome"].value_counts().sort_index().to_dict(),
+        "truth": truth,
+        "charts": charts,
+        "columns": [c for c in SCORE_COLUMNS if c in pool.columns],
+        "galleries": [
+            {
+                "id": gid,
+                "title": title,
+                "about": about.format(column=rule.column, seed=seed),
+                "cards": [_card(pool, i, thumbs, key_counts, rule) for i in chosen[gid]],
+            }
+            for gid, title, about in GALLERIES
+        ],
+        "thumbs": [{"cls": cls, "uri": uri} for cls, uri in sorted(thumbs.values())],
+        "per_gallery": per_gallery,
+    }
+    html = _render(context)
+    atomic_write(out, lambda tmp: Path(tmp).write_bytes(html.encode("utf-8")))
+    return InspectResult(
+        out=out,
+        size_bytes=out.stat().st_size,
+        pool=len(pool),
+        kept=context["kept"],
+        rejected=context["rejected"],
+        rule=rule,
+        cards={g["id"]: len(g["cards"]) for g in context["galleries"]},
+        thumbnails=len(thumbs),
+        truth=truth,
+        skipped_shards=skipped,
+    )
+
+
+def _check_out(out: Path) -> None:
+    """Refuse to replace a file this command did not write: --out is often typed next to data."""
+    if out.is_dir():
+        raise NcleanerError(f"{out}: is a directory; --out names the HTML file to write")
+    if not out.parent.is_dir():
+        raise NcleanerError(f"{out}: no such directory {out.parent}")
+    if not out.exists():
+        return
+    try:
+        with out.open("rb") as f:
+            head = f.read(_SNIFF_BYTES)
+    except OSError as exc:
+        raise NcleanerError(f"{out}: cannot read the existing file: {exc.strerror or first_line(exc)}") from exc
+    if b'<meta name="generator" content="ncleaner inspect' not in head:
+        raise NcleanerError(f"{out}: exists and was not written by ncleaner inspect; refusing to replace it")
+
+
+def _pool(reports: dict[str, pd.DataFrame], rule: Rule) -> pd.DataFrame:
+    """Every report row in shard order, with its shard URL and what ``route`` (filter's router) makes of it."""
+    parts = []
+    for url, report in reports.items():
+        part = report.copy()
+        part["_ncl_shard"] = url
+        part["_ncl_outcome"] = route(report, rule)
+        parts.append(part)
+    if not parts:
+        return pd.DataFrame(columns=["key", "status", "_ncl_outcome", rule.column])
+    return pd.concat(parts, ignore_index=True)
+
+
+def _truth(pool: pd.DataFrame, field: str | None, path: str | Path | None) -> np.ndarray | None:
+    if field is None and path is None:
+        return None
+    from . import evaluate  # scikit-learn and torch: loaded only for ground truth
+
+    return evaluate.truth_from_file(pool, path) if path is not None else evaluate.truth_from_report(pool, field)
+
+
+def _model_info(pool: pd.DataFrame, model_dir: str | Path | None) -> dict:
+    ids = sorted(pool["model_id"].dropna().unique().tolist())
+    info = {"id": ids[0] if ids else None, "backbone": None, "pretrained": None}
+    if model_dir is None:
+        return info
+    d = Path(model_dir)
+    from .model import CONFIG_FILE, MODEL_FILES, model_id
+
+    missing = [f for f in MODEL_FILES if not (d / f).is_file()]
+    if missing:
+        raise NcleanerError(f"{d}: not a model directory (no {', '.join(missing)})")
+    if info["id"] is not None and model_id(d) != info["id"]:
+        raise NcleanerError(f"{d}: model {model_id(d)} did not score this report (its rows say {info['id']})")
+    try:
+        config = json.loads((d / CONFIG_FILE).read_text())
+    except (OSError, ValueError) as exc:
+        raise NcleanerError(f"{d / CONFIG_FILE}: cannot read the model's config: {first_line(exc)}") from exc
+    info["backbone"] = config.get("backbone") if isinstance(config, dict) else None
+    info["pretrained"] = config.get("pretrained") if isinstance(config, dict) else None
+    return info
+
+
+def _status_rows(pool: pd.DataFrame) -> list[dict]:
+    counts = pool["status"].value_counts()
+    order = [s for s in STATUSES if s in counts] + sorted(s for s in counts.index if s not in STATUSES)
+    return [{"status": s, "count": int(counts[s]), "why": STATUSES.get(s, "")} for s in order]
+
+
+def _galleries(pool: pd.DataFrame, rule: Rule, n: int, seed: int) -> dict[str, list[int]]:
+    """Row positions of ``pool`` shown in each gallery, in display order."""
+    values = pool[rule.column].to_numpy(dtype=np.float64)
+    ok = (pool["status"] == schema.OK).to_numpy() & np.isfinite(values)
+    scored = np.flatnonzero(ok)
+    ascending = scored[np.argsort(values[scored], kind="stable")]
+    below = ascending[values[ascending] < rule.threshold]
+    above = ascending[values[ascending] >= rule.threshold]
+    kept = np.flatnonzero(pool["_ncl_outcome"].map(is_kept).to_numpy(dtype=bool))
+    rng = np.random.default_rng(seed)
+    sample = np.sort(rng.choice(kept, size=min(n, len(kept)), replace=False)) if len(kept) else kept
+    return {
+        "lowest": ascending[:n].tolist(),
+        "below": below[::-1][:n].tolist(),
+        "above": above[:n].tolist(),
+        "kept": sample.tolist(),
+        "not_ok": _round_robin(pool, n),
+    }
+
+
+def _round_robin(pool: pd.DataFrame, n: int) -> list[int]:
+    """Up to ``n`` non-ok rows taking each status in turn, so that a rare status is not crowded out."""
+    by_status = {
+        s: np.flatnonzero((pool["status"] == s).to_numpy()).tolist()
+        for s in sorted(set(pool["status"].tolist()) - {schema.OK})
+    }
+    out: list[int] = []
+    depth = 0
+    while len(out) < n and any(depth < len(rows) for rows in by_status.values()):
+        out.extend(rows[depth] for rows in by_status.values() if depth < len(rows))
+        depth += 1
+    return sorted(out[:n])
+
+
+def _thumbnails(pool: pd.DataFrame, rows: list[int], px: int) -> dict[int, tuple[str, str]]:
+    """Row position -> (CSS class, JPEG data URI) for the shown rows whose image can be shown.
+
+    Each shard is read once, up to its last shown sample; a sample is matched to its row by
+    position and key, as ``filter`` does.
+    """
+    wanted: dict[str, dict[int, int]] = {}
+    for i in rows:
+        wanted.setdefault(pool["_ncl_shard"].iat[i], {})[int(pool["index"].iat[i])] = i
+    thumbs: dict[int, tuple[str, str]] = {}
+    for url, by_index in wanted.items():
+        last = max(by_index)
+        try:
+            for raw in read_shard(url):
+                i = by_index.get(raw.index)
+                if i is not None:
+                    if raw.key != pool["key"].iat[i]:
+                        raise NcleanerError(
+                            f"{url}: sample {raw.index} ({raw.key}) does not match its report row; the shard "
+                            "changed since it was scored (run ncleaner score --overwrite)"
+                        )
+                    uri = _thumbnail(raw.members, pool["status"].iat[i], px)
+                    if uri is not None:
+                        thumbs[i] = (f"t{len(thumbs)}", uri)
+                if raw.index >= last:
+                    break
+        except UnreadableShard as exc:
+            logger.warning("%s; its cards are shown without images", exc)
+    return thumbs
+
+
+def _thumbnail(members: dict[str, bytes], status: str, px: int) -> str | None:
+    """A JPEG data URI of the sample's image (the member ``score`` decodes), or None when there is none
+    or it cannot be decoded safely."""
+    from .decode import IMAGE_EXTENSIONS, _member
+
+    if status == schema.TOO_LARGE:
+        return None  # a decompression bomb is not decoded here either
+    data = next((d for ext in IMAGE_EXTENSIONS if (d := _member(members, ext)) is not None), None)
+    if data is None:
+        return None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as img:
+                if img.width * img.height > DEFAULT_MAX_IMAGE_PIXELS:
+                    return None
+                img.draft("RGB", (px, px))  # JPEG: decode at a reduced scale, far cheaper for big images
+                small = img.convert("RGB")
+                small.thumbnail((px, px))
+                buf = io.BytesIO()
+                small.save(buf, format="JPEG", quality=80, optimize=True)
+    except Exception:  # PIL raises many types for corrupt or truncated files
+        return None
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _card(pool: pd.DataFrame, i: int, thumbs: dict, key_counts: pd.Series, rule: Rule) -> dict:
+    row = pool.iloc[i]
+    key, url = str(row["key"]), str(row["_ncl_shard"])
+    status, outcome = str(row["status"]), str(row["_ncl_outcome"])
+    scores = []
+    for c in SCORE_COLUMNS:
+        v = row.get(c)
+        v = None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)
+        scores.append({"column": c, "value": v, "text": "-" if v is None else f"{v:.4f}", "rule": c == rule.column})
+    caption = row.get("caption")
+    return {
+        "row": i,
+        "key": key,
+        "shard": url,
+        "shard_name": os.path.basename(url) or url,
+        # A key found in several shards of the pool is copied with its shard, so that an
+        # override names this sample and no other.
+        "copy_text": key if key_counts.get(key, 0) <= 1 else f"{url}\t{key}",
+        "caption": None if caption is None or (isinstance(caption, float) and math.isnan(caption)) else str(caption),
+        "status": status,
+        "why": STATUSES.get(status, ""),
+        "kept": is_kept(outcome),
+        "outcome": "kept" if outcome == KEPT else outcome,
+        "scores": scores,
+        "noisy": bool(row["_ncl_noisy"]) if "_ncl_noisy" in pool.columns else None,
+        "thumb": thumbs[i][0] if i in thumbs else None,
+    }
+
+
+# -- charts: inline SVG geometry computed here, drawn by the template ---------------------------
+
+_W, _H = 640, 240
+_LEFT, _RIGHT, _TOP, _BOTTOM = 56, 16, 26, 40
+
+
+def _charts(values: np.ndarray, cut: float, noisy: np.ndarray | None, noisy_total: int) -> dict | None:
+    """Histogram of ``values`` (stacked clean / noisy with truth) and kept share against the threshold.
+
+    ``noisy`` holds the truth of each value; ``noisy_total`` counts noisy pairs of the whole
+    pool, so that the noise-removed curve meets the header's figure at the cut.
+    """
+    if len(values) == 0:
+        return None
+    edges = np.histogram_bin_edges(values, bins=HISTOGRAM_BINS)
+    lo, hi = float(edges[0]), float(edges[-1])
+    plot_w, plot_h = _W - _LEFT - _RIGHT, _H - _TOP - _BOTTOM
+
+    def x(v: float) -> float:
+        return round(_LEFT + (min(max(v, lo), hi) - lo) / (hi - lo) * plot_w, 2)
+
+    layers = [("all", values)] if noisy is None else [("clean", values[~noisy]), ("noisy", values[noisy])]
+    counts = [np.histogram(v, bins=edges)[0] for _, v in layers]
+    top = max(1, int(np.sum(counts, axis=0).max()))
+    bars, base = [], np.zeros(len(edges) - 1)
+    for (name, _), c in zip(layers, counts, strict=True):
+        for b in range(len(c)):
+            if c[b]:
+                y0, y1 = base[b] / top, (base[b] + c[b]) / top
+                bars.append(
+                    {
+                        "x": x(edges[b]),
+                        "w": max(round(x(edges[b + 1]) - x(edges[b]) - 1, 2), 0.5),
+                        "y": round(_TOP + plot_h * (1 - y1), 2),
+                        "h": round(plot_h * (y1 - y0), 2),
+                        "cls": name,
+                        "tip": f"{edges[b]:.4g} to {edges[b + 1]:.4g}: {int(c[b])} {name if noisy is not None else ''}",
+                    }
+                )
+        base = base + c
+    ts = np.linspace(lo, hi, CURVE_POINTS)
+    ordered = np.sort(values)
+    kept_share = 1 - np.searchsorted(ordered, ts, side="left") / len(values)
+    curves = [{"cls": "kept", "label": "kept share of scored pairs", "points": _points(ts, kept_share, x)}]
+    if noisy is not None and noisy_total:
+        noisy_sorted = np.sort(values[noisy])
+        kept_noisy = len(noisy_sorted) - np.searchsorted(noisy_sorted, ts, side="left")
+        kept_all = len(values) - np.searchsorted(ordered, ts, side="left")
+        precision = np.where(kept_all > 0, 1 - kept_noisy / np.maximum(kept_all, 1), np.nan)
+        removed = 1 - kept_noisy / noisy_total
+        curves.append({"cls": "precision", "label": "precision (clean in kept)", "points": _points(ts, precision, x)})
+        curves.append({"cls": "removed", "label": "noise removed", "points": _points(ts, removed, x)})
+    ticks = [{"x": x(t), "label": f"{t:.3g}"} for t in np.linspace(lo, hi, 6)]
+    yticks = [{"y": round(_TOP + plot_h * (1 - v), 2), "label": f"{v:g}"} for v in (0, 0.25, 0.5, 0.75, 1)]
+    return {
+        "w": _W,
+        "h": _H,
+        "left": _LEFT,
+        "right": _W - _RIGHT,
+        "top": _TOP,
+        "bottom": _H - _BOTTOM,
+        "bars": bars,
+        "ymax": top,
+        "cut_x": x(cut),
+        "cut_inside": lo <= cut <= hi,
+        "cut_label": f"{cut:.4g}",
+        "ticks": ticks,
+        "yticks": yticks,
+        "curves": curves,
+        "kept_at_cut": float((values >= cut).mean()),
+    }
+
+
+def _points(ts: np.ndarray, ys: np.ndarray, x) -> str:
+    plot_h = _H - _TOP - _BOTTOM
+    return " ".join(
+        f"{x(t)},{round(_TOP + plot_h * (1 - y), 2)}" for t, y in zip(ts, ys, strict=True) if np.isfinite(y)
+    )
+
+
+# -- rendering -----------------------------------------------------------------------------------
+
+
+def _render(context: dict) -> str:
+    import jinja2
+    from markupsafe import Markup
+
+    files = resources.files("ncleaner") / "templates"
+    guard = (files / "inspect_errors.js").read_text(encoding="utf-8")
+    script = (files / "inspect.js").read_text(encoding="utf-8")
+    if any("</script" in s.lower() for s in (guard, script)):
+        raise RuntimeError("a page script must not hold '</script': it would end its own tag")
+    # The page's policy runs no script but these two, by hash: even markup that slipped through
+    # escaping could not run.
+    hashes = " ".join(
+        "'sha256-" + base64.b64encode(hashlib.sha256(s.encode("utf-8")).digest()).decode("ascii") + "'"
+        for s in (guard, script)
+    )
+    env = jinja2.Environment(
+        loader=jinja2.FunctionLoader(lambda name: (files / name).read_text(encoding="utf-8")),
+        autoescape=True,
+        undefined=jinja2.StrictUndefined,
+    )
+    return env.get_template("inspect.html.j2").render(
+        **context, guard=Markup(guard), script=Markup(script), script_hashes=hashes
+    )

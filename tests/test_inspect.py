@@ -1,0 +1,277 @@
+"""``inspect`` (the HTML page), ``filter --dry-run`` and the override lists (docs/design.md section 11)."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from html.parser import HTMLParser
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import IMG_CAPTION, SCRIPT_CAPTION, run_cli, tar_members
+
+import ncleaner.html_report as html_report
+from ncleaner.errors import NcleanerError
+from ncleaner.evaluate import kept_set_metrics
+from ncleaner.filtering import filter_shards
+from ncleaner.html_report import inspect_report
+from ncleaner.schema import STATUSES
+
+
+class _Page(HTMLParser):
+    """The cards of each gallery (their attributes and text), and every element seen."""
+
+    def __init__(self):
+        super().__init__()
+        self.galleries: dict[str, list[dict]] = {}
+        self.tags: list[tuple[str, dict]] = []
+        self._gallery = None
+        self._card = None
+        self._field = None
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        self.tags.append((tag, a))
+        if tag == "section" and "data-gallery" in a:
+            self._gallery = self.galleries.setdefault(a["data-gallery"], [])
+        elif tag == "article":
+            self._card = {**a, "text": ""}
+            self._gallery.append(self._card)
+        elif self._card is not None and tag in ("p", "div") and a.get("class") in ("caption", "outcome", "shard"):
+            self._field = a["class"]
+            self._card[self._field] = ""
+
+    def handle_endtag(self, tag):
+        if tag == "article":
+            self._card = None
+        if tag in ("p", "div"):
+            self._field = None
+
+    def handle_data(self, data):
+        if self._card is not None:
+            self._card["text"] += data
+            if self._field:
+                self._card[self._field] += data
+
+
+def _parse(path) -> _Page:
+    page = _Page()
+    page.feed(path.read_text(encoding="utf-8"))
+    return page
+
+
+def _report(pool) -> pd.DataFrame:
+    return pd.read_parquet(pool["report"])
+
+
+def test_page_shows_the_rule_its_counts_and_the_right_galleries(inspect_pool, tmp_path):
+    out = tmp_path / "page.html"
+    result = run_cli(
+        "inspect", *inspect_pool["shards"], "--report", inspect_pool["report"], "--out", out,
+        "--keep-fraction", "0.5", "--per-gallery", "5", "--truth-field", "ncleaner_noisy",
+        "--model", inspect_pool["model"],
+    )  # fmt: skip
+    report = _report(inspect_pool)
+    ok = report[report["status"] == "ok"]
+    cut = np.sort(ok["score"].to_numpy())[::-1][int(round(0.5 * len(ok))) - 1]
+    kept = (report["status"] == "ok") & (report["score"] >= cut)
+    assert f"keeps {int(kept.sum())}, rejects {int((~kept).sum())}" in result.output
+    html = out.read_text(encoding="utf-8")
+    assert f"score &gt;= {cut:.4g} (--keep-fraction 0.5)" in html
+    assert "ncleaner-tiny" in html  # the backbone, from --model
+    assert report["model_id"].iloc[0] in html
+
+    page = _parse(out)
+    cards = {g: [c["data-key"] for c in cs] for g, cs in page.galleries.items()}
+    lowest = ok.sort_values("score", kind="stable")
+    assert cards["lowest"] == lowest["key"].head(5).tolist()
+    assert cards["below"] == lowest[lowest["score"] < cut]["key"].tail(5).tolist()[::-1]
+    assert cards["above"] == lowest[lowest["score"] >= cut]["key"].head(5).tolist()
+    assert len(cards["kept"]) == 5 and set(cards["kept"]) <= set(report.loc[kept, "key"])
+    assert sorted(cards["not_ok"]) == ["h2", "h3"]
+    # Keys are unique in this pool: "copy keys" copies the bare key, the form filter --keep-keys reads.
+    assert all(c["data-copy"] == c["data-key"] for cs in page.galleries.values() for c in cs)
+    for card in page.galleries["not_ok"]:
+        status = report.set_index("key").loc[card["data-key"], "status"]
+        assert card["outcome"] == f"rejected: {status} ({STATUSES[status]})"
+    for card in page.galleries["below"]:
+        assert card["outcome"] == "rejected: below the threshold" and "rejected" in card["class"]
+    for card in page.galleries["above"]:
+        assert card["outcome"] == "kept" and "kept" in card["class"]
+
+    noisy = report["ncleaner_noisy"].map(json.loads).to_numpy(dtype=bool)
+    metrics = kept_set_metrics(kept.to_numpy(), noisy)
+    assert f"{100 * metrics['kept_precision']:.1f}% clean (precision)" in html
+    assert f"removes {100 * metrics['noise_removed']:.1f}% of the noise" in html
+    truth_marks = [c for cs in page.galleries.values() for c in cs if "(truth)" in c["text"]]
+    assert len(truth_marks) == sum(len(cs) for cs in page.galleries.values())
+
+    assert len(re.findall(r'<rect class="bar (?:clean|noisy)"', html)) > 2  # histogram, stacked by truth
+    assert '<line class="cut"' in html and '<polyline class="kept"' in html
+
+
+def test_captions_and_keys_are_text_never_markup(inspect_pool, tmp_path):
+    out = tmp_path / "page.html"
+    inspect_report(inspect_pool["shards"], inspect_pool["report"], out, threshold=-1e9, per_gallery=200)
+    html = out.read_text(encoding="utf-8")
+    page = _parse(out)
+    captions = {c["data-key"]: c["caption"] for cs in page.galleries.values() for c in cs}
+    assert captions["h0"] == SCRIPT_CAPTION and captions["h1"] == IMG_CAPTION  # shown as written, as text
+    assert 'h4"<b>x' in captions  # an attribute value, escaped, read back whole
+    assert [t for t, _ in page.tags].count("script") == 2  # the page's own two, nothing injected
+    assert "img" not in [t for t, _ in page.tags] and "b" not in [t for t, _ in page.tags]
+    assert "&lt;script&gt;document.title=" in html
+    # Nothing is fetched from the web: no element loads a URL, only inline data: images.
+    assert not [a for _, a in page.tags if a.get("src") or a.get("href")]
+    assert re.findall(r"url\((?!data:image/jpeg;base64,)", html) == []
+    assert "default-src 'none'" in html
+
+
+def test_inspect_and_filter_agree_on_every_rule(inspect_pool, tmp_path):
+    args = (inspect_pool["shards"], inspect_pool["report"])
+    for rule in ({"threshold": 0.3}, {"keep_fraction": 0.8, "column": "clip_sim"}, {"auto": True}):
+        page = inspect_report(*args, tmp_path / "p.html", per_gallery=1, **rule)
+        dry = filter_shards(*args, tmp_path / "never", dry_run=True, **rule)
+        assert page.rule == dry.rule
+        assert (page.kept, page.rejected) == (dry.kept_count, dry.rejected_count)
+    default = inspect_report(*args, tmp_path / "p.html", per_gallery=1)
+    assert default.rule.mode == "auto"  # no rule given: the model's own split
+
+
+def test_images_are_read_once_per_shard_and_only_for_shown_pairs(inspect_pool, tmp_path, monkeypatch):
+    opened = []
+    real = html_report.read_shard
+
+    def counting(url):
+        opened.append(url)
+        return real(url)
+
+    monkeypatch.setattr(html_report, "read_shard", counting)
+    result = inspect_report(inspect_pool["shards"], inspect_pool["report"], tmp_path / "p.html", per_gallery=2)
+    assert len(opened) == len(set(opened)) and opened
+    assert sum(result.cards.values()) <= 10
+    # Every card with a decodable image has one; the two that have none are the non-ok pair without
+    # an image and the corrupt one.
+    html = (tmp_path / "p.html").read_text()
+    assert result.thumbnails == len(set(re.findall(r'data-thumb="(t\d+)"', html)))
+    assert html.count("data:image/jpeg;base64,") == result.thumbnails
+
+
+def test_an_existing_file_is_replaced_only_when_inspect_wrote_it(inspect_pool, tmp_path):
+    args = ("inspect", *inspect_pool["shards"], "--report", inspect_pool["report"], "--per-gallery", "1")
+    mine = tmp_path / "page.html"
+    run_cli(*args, "--out", mine)
+    run_cli(*args, "--out", mine, "--auto")  # its own page: replaced
+    theirs = tmp_path / "notes.html"
+    theirs.write_text("<html>my notes</html>")
+    result = run_cli(*args, "--out", theirs, ok=False)
+    assert result.exit_code == 1 and "was not written by ncleaner inspect" in result.output
+    assert theirs.read_text() == "<html>my notes</html>"
+
+
+def test_bad_input_is_a_one_line_error_naming_the_file(inspect_pool, small_shards, tmp_path):
+    missing = tmp_path / "no-report"
+    result = run_cli("inspect", small_shards, "--report", missing, "--out", tmp_path / "p.html", ok=False)
+    assert result.exit_code == 1 and str(missing) in result.output and len(result.output.splitlines()) == 1
+    result = run_cli(
+        "inspect", *inspect_pool["shards"], "--report", inspect_pool["report"], "--out", tmp_path / "p.html",
+        "--truth-field", "no_such_field", ok=False,
+    )  # fmt: skip
+    assert result.exit_code == 1 and "no_such_field" in result.output
+    with pytest.raises(NcleanerError, match="--column bogus: not a score column"):
+        inspect_report(inspect_pool["shards"], inspect_pool["report"], tmp_path / "p.html", threshold=0, column="bogus")
+    result = run_cli(
+        "inspect", *inspect_pool["shards"], "--report", inspect_pool["report"], "--out", tmp_path / "p.html",
+        "--threshold", "0", "--auto", ok=False,
+    )  # fmt: skip
+    assert result.exit_code == 2 and "at most one of" in result.output
+    assert not (tmp_path / "p.html").exists()
+
+
+# -- filter --dry-run and the override lists ----------------------------------------------------
+
+
+def test_dry_run_counts_what_the_real_run_writes_and_writes_nothing(inspect_pool, tmp_path):
+    args = ("filter", *inspect_pool["shards"], "--report", inspect_pool["report"], "--threshold", "0.4")
+    out, rejected = tmp_path / "clean", tmp_path / "rejected"
+    dry = run_cli(*args, "--out", out, "--rejected-out", rejected, "--dry-run")
+    assert not out.exists() and not rejected.exists() and list(tmp_path.iterdir()) == []
+    run_cli(*args, "--out", out, "--rejected-out", rejected)
+    manifest = json.loads((out / "manifest.json").read_text())
+    total = f"would keep {manifest['kept_count']} of {manifest['input_count']} pairs"
+    assert total in dry.output and dry.output.rstrip().endswith("nothing written")
+    reasons = ", ".join(f"{v} {k}" for k, v in sorted(manifest["rejected_by_reason"].items()))
+    assert f"would reject {manifest['rejected_count']} ({reasons})" in dry.output
+    hostile = next(line for line in dry.output.splitlines() if line.startswith(inspect_pool["shards"][1]))
+    assert hostile.split()[1] == "5" and "1 bad_image" in hostile and "1 missing_image" in hostile
+    assert len([line for line in dry.output.splitlines() if ".tar " in line]) == 4  # one line per shard
+
+    # A dry run fails where the real run would: the outputs now hold an earlier run's files.
+    again = run_cli(*args, "--out", out, "--dry-run", ok=False)
+    assert again.exit_code == 1 and "directory is not empty" in again.output
+
+
+def test_key_lists_override_the_rule_and_are_counted_apart(inspect_pool, tmp_path):
+    report = _report(inspect_pool)
+    ok = report[report["status"] == "ok"].sort_values("score")
+    low1, low2 = ok["key"].iloc[0], ok["key"].iloc[1]  # rejected by the rule below
+    high = ok["key"].iloc[-1]  # kept by the rule
+    shard_of_low2 = report.set_index("key").loc[low2, "shard"].rsplit("/", 1)[-1]
+    keep = tmp_path / "keep.txt"
+    keep.write_text(f"{low1}\n{shard_of_low2}\t{low2}\r\n\nh2\nnot-a-key\n")
+    reject = tmp_path / "reject.txt"
+    reject.write_text(f"{high}\n")
+    cut = float(ok["score"].iloc[2])
+    result = run_cli(
+        "filter", *inspect_pool["shards"], "--report", inspect_pool["report"], "--out", tmp_path / "k",
+        "--rejected-out", tmp_path / "r", "--threshold", str(cut), "--keep-keys", keep, "--reject-keys", reject,
+    )  # fmt: skip
+    assert "2 kept and 1 rejected by override" in result.output
+    assert "match no sample of the pool" in result.output and "'not-a-key'" in result.output
+    assert "cannot be kept, they have no usable pair" in result.output
+    manifest = json.loads((tmp_path / "k" / "manifest.json").read_text())
+    assert manifest["kept_by_override"] == 2 and manifest["rejected_by_override"] == 1
+    assert manifest["rejected_by_reason"]["override"] == 1
+    assert manifest["overrides"]["not_found"] == {"keep": ["not-a-key"], "reject": []}
+    assert [(e["key"], e["status"]) for e in manifest["overrides"]["kept_not_ok"]] == [("h2", "bad_image")]
+    assert manifest["kept_count"] + manifest["rejected_count"] == manifest["input_count"] == len(report)
+    kept_keys = {n.split(".")[0] for p in (tmp_path / "k").glob("*.tar") for n in tar_members(p)}
+    rejected_keys = {n.split(".")[0] for p in (tmp_path / "r").glob("*.tar") for n in tar_members(p)}
+    assert {low1, low2} <= kept_keys and high in rejected_keys and "h2" in rejected_keys
+    expected_kept = set(ok.loc[ok["score"] >= cut, "key"]) - {high} | {low1, low2}
+    assert kept_keys == expected_kept
+
+
+def test_bad_key_lists_are_one_line_errors(inspect_pool, tmp_path):
+    args = ("filter", *inspect_pool["shards"], "--report", inspect_pool["report"], "--out", tmp_path / "k", "--auto")
+    both = tmp_path / "both.txt"
+    both.write_text("h0\n")
+    result = run_cli(*args, "--keep-keys", both, "--reject-keys", both, "--dry-run", ok=False)
+    assert result.exit_code == 1 and "is also in" in result.output and "'h0'" in result.output
+    result = run_cli(*args, "--keep-keys", tmp_path / "absent.txt", ok=False)
+    assert result.exit_code == 1 and "absent.txt: cannot read key list" in result.output
+    bad = tmp_path / "bad.txt"
+    bad.write_text("h0\na\tb\tc\n")
+    result = run_cli(*args, "--reject-keys", bad, ok=False)
+    assert result.exit_code == 1 and "bad.txt: line 2: expected KEY or SHARD<TAB>KEY" in result.output
+    assert not (tmp_path / "k").exists()
+
+
+def test_copied_keys_name_one_sample_when_a_key_repeats_across_shards(hostile_shard, small_model, tmp_path):
+    shards = []
+    for d in ("a", "b"):
+        (tmp_path / d).mkdir()
+        shards.append(str(shutil.copy(hostile_shard, tmp_path / d / "hostile.tar")))
+    run_cli("score", *shards, "--model", small_model, "--out", tmp_path / "report", "-q")
+    inspect_report(shards, tmp_path / "report", tmp_path / "p.html", threshold=1e9, per_gallery=50)
+    copies = {c["data-copy"] for cs in _parse(tmp_path / "p.html").galleries.values() for c in cs}
+    assert {f"{shards[0]}\th0", f"{shards[1]}\th0"} <= copies and "h0" not in copies
+    keep = tmp_path / "keep.txt"
+    keep.write_text(f"{shards[0]}\th0\n")
+    run_cli("filter", *shards, "--report", tmp_path / "report", "--out", tmp_path / "k", "--threshold", "1e9",
+            "--keep-keys", keep)  # fmt: skip
+    manifest = json.loads((tmp_path / "k" / "manifest.json").read_text())
+    assert manifest["kept_count"] == manifest["kept_by_override"] == 1
+    assert set(tar_members(tmp_path / "k" / "00000.tar")) == {"h0.jpg", "h0.txt", "h0.json"}
