@@ -14,7 +14,7 @@ import click
 from click.core import ParameterSource
 
 from . import __version__
-from .config import DEFAULT_MAX_IMAGE_PIXELS, TRAIN_BACKBONE_CHOICES, DisNCLConfig
+from .config import DEFAULT_MAX_IMAGE_PIXELS, PRECISIONS, TRAIN_BACKBONE_CHOICES, DisNCLConfig
 from .errors import NcleanerError, first_line
 from .schema import OK, SCORE_COLUMNS, TRUNCATED_SHARD
 
@@ -99,6 +99,36 @@ max_pixels_option = click.option(
 )
 
 
+workers_option = click.option(
+    "--workers",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Processes decoding images while the main one encodes (default: one per core, at most one per shard; "
+    "0: decode in the main process). Results do not depend on it.",
+)
+embeddings_options = [
+    click.option(
+        "--embeddings",
+        type=click.Path(file_okay=False),
+        default=None,
+        help="Embeddings directory (ncleaner embed): shards it holds are not encoded again; "
+        "the others are encoded and added to it.",
+    ),
+    click.option(
+        "--embeddings-backbone",
+        default=None,
+        help="The open_clip backbone that computed --embeddings, for a directory without embeddings.json "
+        "(written by clip-retrieval).",
+    ),
+]
+
+
+def embeddings_option(command):
+    for option in reversed(embeddings_options):
+        command = option(command)
+    return command
+
+
 def _shard_notes(skipped: dict[str, str], truncated: list[str]) -> str:
     notes = []
     if skipped:
@@ -165,6 +195,20 @@ def main():
 @click.option("--lr", type=float, default=DisNCLConfig.lr, show_default=True, help="Learning rate of the heads.")
 @click.option("--seed", type=int, default=DisNCLConfig.seed, show_default=True, help="Seed of every random choice.")
 @click.option(
+    "--max-fit-pairs",
+    type=click.IntRange(min=4),
+    default=DisNCLConfig.max_fit_pairs,
+    show_default=True,
+    help="Train on a uniform sample of at most this many usable pairs (bounds fit's memory; score covers all).",
+)
+@click.option(
+    "--precision",
+    type=click.Choice(PRECISIONS),
+    default=DisNCLConfig.precision,
+    show_default=True,
+    help="Backbone precision on CUDA (fp16/bf16 autocast); recorded in the model, used by score too.",
+)
+@click.option(
     "--config",
     "config_file",
     type=click.Path(dir_okay=False, exists=True),
@@ -182,11 +226,26 @@ def main():
 @click.option("--force", is_flag=True, help="Replace an existing model directory (only the files fit writes).")
 @bad_shard_option
 @max_pixels_option
+@embeddings_option
+@workers_option
 @verbosity
 @user_errors
 @click.pass_context
 def fit(
-    ctx, shards, out_dir, config_file, overrides, device, force, on_bad_shard, max_image_pixels, progress, **options
+    ctx,
+    shards,
+    out_dir,
+    config_file,
+    overrides,
+    device,
+    force,
+    on_bad_shard,
+    max_image_pixels,
+    embeddings,
+    embeddings_backbone,
+    workers,
+    progress,
+    **options,
 ):
     """Train a DisNCL model on SHARDS (no clean labels needed) and save it to --out.
 
@@ -206,12 +265,17 @@ def fit(
         force=force,
         on_bad_shard=on_bad_shard,
         max_image_pixels=max_image_pixels,
+        embeddings=embeddings,
+        embeddings_backbone=embeddings_backbone,
+        workers=workers,
         progress=progress,
     )
     unused = sum(v for k, v in result.statuses.items() if k != OK)
     truncated = result.statuses.get(TRUNCATED_SHARD, 0)
+    sampled = result.pairs_used < result.statuses.get(OK, 0)
     click.echo(
         f"model {result.model_id} saved to {result.model_dir}: trained on {result.pairs_used} pairs"
+        + (f" (a uniform sample of {result.statuses.get(OK, 0)})" if sampled else "")
         + (f" ({unused} could not be used)" if unused else "")
         + (f"; {truncated} pairs of truncated shards left out" if truncated else "")
         + _shard_notes(result.skipped_shards, [])
@@ -252,6 +316,8 @@ def fit_config(ctx: click.Context, config_file: str | None, options: dict, overr
 )
 @bad_shard_option
 @max_pixels_option
+@embeddings_option
+@workers_option
 @allow_download_option
 @verbosity
 @user_errors
@@ -265,6 +331,9 @@ def score(
     keep_json_fields,
     on_bad_shard,
     max_image_pixels,
+    embeddings,
+    embeddings_backbone,
+    workers,
     allow_download,
     progress,
 ):
@@ -286,6 +355,9 @@ def score(
         keep_json_fields=fields,
         on_bad_shard=on_bad_shard,
         max_image_pixels=max_image_pixels,
+        embeddings=embeddings,
+        embeddings_backbone=embeddings_backbone,
+        workers=workers,
         progress=progress,
         allow_download=allow_download,
     )
@@ -294,6 +366,64 @@ def score(
         f"report {result.report_dir}: {result.rows} rows from {len(result.scored_shards) + len(result.skipped_shards)}"
         f" shard(s), model {result.model_id}"
         + ("; not scored: " + ", ".join(f"{v} {k}" for k, v in sorted(not_ok.items())) if not_ok else "")
+        + _shard_notes(result.failed_shards, result.truncated_shards)
+    )
+
+
+@main.command()
+@click.argument("shards", nargs=-1, required=True)
+@click.option("--backbone", required=True, help="open_clip model name.")
+@click.option("--pretrained", required=True, help="open_clip pretrained tag or a local checkpoint file.")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Embeddings directory.")
+@click.option(
+    "--batch-size", type=click.IntRange(min=1), default=256, show_default=True, help="Pairs encoded at a time."
+)
+@click.option(
+    "--precision",
+    type=click.Choice(PRECISIONS),
+    default="fp32",
+    show_default=True,
+    help="Backbone precision on CUDA (fp16/bf16 autocast).",
+)
+@device_option
+@workers_option
+@bad_shard_option
+@max_pixels_option
+@allow_download_option
+@verbosity
+@user_errors
+def embed(shards, backbone, pretrained, out_dir, batch_size, precision, device, workers, on_bad_shard,
+          max_image_pixels, allow_download, progress):  # fmt: skip
+    """Encode every pair of SHARDS once and write the embeddings in clip-retrieval's layout.
+
+    \b
+    OUT/img_emb/img_emb_N.npy, OUT/text_emb/text_emb_N.npy (float16, L2-normalised),
+    OUT/metadata/metadata_N.parquet (row i = row i of both), OUT/skipped/ (samples without
+    an embedding, with their status), OUT/embeddings.json; one part per shard, so an
+    interrupted run resumes. fit --embeddings and score --embeddings read them.
+    """
+    from .embeddings import embed as run_embed
+
+    result = run_embed(
+        shards,
+        out_dir,
+        backbone=backbone,
+        pretrained=pretrained,
+        batch_size=batch_size,
+        device=device,
+        workers=workers,
+        precision=precision,
+        on_bad_shard=on_bad_shard,
+        max_image_pixels=max_image_pixels,
+        progress=progress,
+        allow_download=allow_download,
+    )
+    not_ok = {k: v for k, v in result.statuses.items() if k != OK}
+    click.echo(
+        f"embeddings {result.out_dir}: {result.statuses.get(OK, 0)} pairs embedded from "
+        f"{len(result.embedded_shards)} shard(s)"
+        + (f", {len(result.skipped_shards)} shard(s) already there" if result.skipped_shards else "")
+        + ("; not embedded: " + ", ".join(f"{v} {k}" for k, v in sorted(not_ok.items())) if not_ok else "")
         + _shard_notes(result.failed_shards, result.truncated_shards)
     )
 

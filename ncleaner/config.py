@@ -13,6 +13,7 @@ from . import __version__
 # A small from-scratch open_clip config registered by ncleaner.backbone, for offline demos and tests.
 TINY_BACKBONE = "ncleaner-tiny"
 TRAIN_BACKBONE_CHOICES = ("auto", "none", "all")
+PRECISIONS = ("fp32", "fp16", "bf16")
 # Fields a fitted model fills in itself; a user cannot set them.
 DERIVED_FIELDS = ("embed_dim", "version")
 # Decoding guard, not part of a model: 64 megapixels (8000 x 8000) is above anything a caption
@@ -45,6 +46,7 @@ class DisNCLConfig:
     pretrained: str | None = None
     train_backbone: str = "auto"  # "none": frozen, features cached; "all": trained with the heads
     embed_dim: int = 0  # filled from the backbone at fit time
+    precision: str = "fp32"  # "fp16" / "bf16": autocast of the backbone on CUDA (fit and score)
 
     # DisNCL heads (section 2). The MII subspace has the backbone's width so that the
     # MII head can start as the identity (see heads.ResidualHead).
@@ -65,6 +67,10 @@ class DisNCLConfig:
     lambda_dis: float = 0.1
     lambda_adv: float = 1.0
     lambda_reg: float = 0.01
+
+    # Training sample: fit trains on a uniform sample of at most this many ok pairs of the pool
+    # (score still covers every pair); it bounds fit's memory (README, "Memory").
+    max_fit_pairs: int = 1_000_000
 
     # Optimisation.
     epochs: int = 12
@@ -89,12 +95,16 @@ class DisNCLConfig:
         return self.train_backbone
 
     def validate(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}")
         if self.train_backbone not in TRAIN_BACKBONE_CHOICES:
             raise ValueError(f"train_backbone must be one of {TRAIN_BACKBONE_CHOICES}")
         if self.resolved_train_backbone() == "none" and not self.pretrained:
             raise ValueError("a frozen backbone needs pretrained weights (--pretrained)")
         if not 0 <= self.warmup_epochs <= self.epochs or self.epochs < 1:
             raise ValueError("need epochs >= 1 and 0 <= warmup_epochs <= epochs")
+        if self.max_fit_pairs < 4:
+            raise ValueError("max_fit_pairs must be at least 4")
         if self.batch_size < 2:
             raise ValueError("batch_size must be at least 2 (contrastive batches need negatives)")
         if not 0.0 <= self.identity_mix <= 1.0:

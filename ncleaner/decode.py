@@ -4,12 +4,19 @@ The image is the first of jpg/jpeg/png/webp present; the caption is the ``txt``
 member, else ``caption`` or ``text`` in the ``json`` member. A sample that cannot
 be decoded is not dropped: it comes out with a ``status`` saying why
 (``ncleaner.schema``), so the report has a row for it and the filter rejects it.
+
+``decode_blocks`` is what every command streams from: whole shards in order,
+cut into blocks of decoded, stacked and tokenised pairs, decoded in worker
+processes when asked (docs/design.md section 10).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import io
 import json
+import os
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -21,8 +28,9 @@ from PIL import Image
 
 from . import schema
 from .config import DEFAULT_MAX_IMAGE_PIXELS
+from .errors import UnreadableShard
 from .schema import OK
-from .shards import RawSample
+from .shards import RawSample, read_shard
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 JSON_CAPTION_FIELDS = ("caption", "text")
@@ -38,6 +46,7 @@ class Pair:
     url: str | None = None
     meta: dict = field(default_factory=dict)
     image: torch.Tensor | None = None
+    image_sha1: str | None = None  # of the image member's bytes: what an embedding was computed from
 
     @property
     def ok(self) -> bool:
@@ -87,6 +96,12 @@ def read_text_fields(raw: RawSample) -> tuple[str | None, str | None, dict, str]
     return None, url, meta, schema.MISSING_CAPTION
 
 
+def image_member(raw: RawSample) -> bytes | None:
+    """The bytes of the sample's image: its first jpg, jpeg, png or webp member."""
+    members = raw.members
+    return next((d for ext in IMAGE_EXTENSIONS if (d := _member(members, ext)) is not None), None)
+
+
 def decode_pair(
     raw: RawSample,
     preprocess: Callable[[Image.Image], torch.Tensor],
@@ -102,11 +117,12 @@ def decode_pair(
     pair = Pair(raw=raw, status=raw.problem or text_status, caption=caption, url=url, meta=meta)
     if raw.problem:
         return pair  # the tar itself disqualifies the sample: its image is not worth decoding
-    image_bytes = next((d for ext in IMAGE_EXTENSIONS if (d := _member(raw.members, ext)) is not None), None)
+    image_bytes = image_member(raw)
     if image_bytes is None:
         ambiguous = _ambiguous(raw.members, IMAGE_EXTENSIONS)
         pair.status = schema.AMBIGUOUS_MEMBERS if ambiguous else schema.MISSING_IMAGE
         return pair
+    pair.image_sha1 = hashlib.sha1(image_bytes).hexdigest()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -145,3 +161,145 @@ def batched(items: Iterable, size: int) -> Iterator[list]:
     it = iter(items)
     while block := list(islice(it, size)):
         yield block
+
+
+@dataclass
+class DecodedBlock:
+    """Up to ``batch_size`` consecutive pairs of one shard, ready for the encoder.
+
+    ``pairs`` keep everything but the image (their raw members are dropped: nothing after
+    decoding needs them); ``images`` and ``tokens`` stack the ok pairs', in order. The last
+    block of a shard has ``last`` set and carries the reader's ``damage`` note, or the
+    ``error`` that made the shard unreadable (then it holds no pairs).
+    """
+
+    shard_index: int
+    url: str
+    pairs: list[Pair]
+    images: torch.Tensor | None = None
+    tokens: torch.Tensor | None = None
+    last: bool = False
+    damage: str | None = None
+    error: str | None = None
+
+    @property
+    def ok_pairs(self) -> list[Pair]:
+        return [p for p in self.pairs if p.ok]
+
+    def pin_memory(self) -> DecodedBlock:
+        """Page-locked copies of the stacked inputs (DataLoader calls this with ``pin_memory``)."""
+        if self.images is not None:
+            self.images, self.tokens = self.images.pin_memory(), self.tokens.pin_memory()
+        return self
+
+
+class _ShardBlocks(torch.utils.data.IterableDataset):
+    """Shards ``i`` with ``i % workers == worker id``, each decoded whole by that one worker.
+
+    Whole shards per worker keep a shard's samples in order and let the reader see the
+    whole tar (hard links, truncation); DataLoader takes one block from each worker in
+    turn, so which worker decodes what, and what the caller receives, depend only on the
+    shard list and the worker count.
+    """
+
+    def __init__(self, urls, preprocess, tokenizer, batch_size: int, max_pixels: int, threads: int):
+        self.urls, self.preprocess, self.tokenizer = list(urls), preprocess, tokenizer
+        self.batch_size, self.max_pixels, self.threads = batch_size, max_pixels, threads
+
+    def __iter__(self) -> Iterator[DecodedBlock]:
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        for i in range(worker, len(self.urls), workers):
+            yield from self._shard(i, self.urls[i])
+
+    def _shard(self, i: int, url: str) -> Iterator[DecodedBlock]:
+        reader = read_shard(url)
+        pairs = decode_stream(reader, self.preprocess, threads=self.threads, max_pixels=self.max_pixels)
+        block = None
+        try:
+            for chunk in batched(pairs, self.batch_size):
+                if block is not None:
+                    yield block
+                block = self._block(i, url, chunk)
+        except UnreadableShard as exc:
+            # Sent as data: an exception would end every worker's stream, not just this shard's.
+            yield DecodedBlock(i, url, [], last=True, error=str(exc))
+            return
+        block = block or DecodedBlock(i, url, [])
+        block.last, block.damage = True, reader.damage
+        yield block
+
+    def _block(self, i: int, url: str, chunk: list[Pair]) -> DecodedBlock:
+        ok = [p for p in chunk if p.ok]
+        block = DecodedBlock(i, url, chunk)
+        if ok:
+            block.images = torch.stack([p.image for p in ok])
+            block.tokens = self.tokenizer([p.caption for p in ok])
+        for p in chunk:
+            p.image = None
+            p.raw = dataclasses.replace(p.raw, entries=[])
+        return block
+
+
+def default_workers(shards: int) -> int:
+    """``--workers`` default: one decoding process per core, never more than there are shards."""
+    return max(1, min(len(os.sched_getaffinity(0)), shards))
+
+
+def decode_blocks(
+    urls: Iterable[str],
+    preprocess: Callable[[Image.Image], torch.Tensor],
+    tokenizer: Callable[[list[str]], torch.Tensor],
+    *,
+    batch_size: int,
+    workers: int = 0,
+    max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    pin_memory: bool = False,
+) -> Iterator[DecodedBlock]:
+    """Every shard's blocks, decoded and tokenised; with ``workers`` > 0 in that many processes.
+
+    Blocks of one shard come in order, and a shard's last block has ``last`` set. With
+    several workers, blocks of up to ``workers`` consecutive shards are interleaved (one
+    from each worker in turn), so a caller keeps one accumulator per open shard. Memory
+    stays bounded: each worker runs at most two blocks ahead. ``workers=0`` decodes in
+    this process (two threads), which is what a caller with a single shard wants.
+    """
+    urls = list(urls)
+    if workers <= 0:
+        yield from _ShardBlocks(urls, preprocess, tokenizer, batch_size, max_pixels, threads=2)
+        return
+    dataset = _ShardBlocks(urls, preprocess, tokenizer, batch_size, max_pixels, threads=1)
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=None,  # a block is already a batch
+        num_workers=min(workers, max(1, len(urls))),
+        pin_memory=pin_memory,
+        prefetch_factor=2,
+        worker_init_fn=_single_threaded,
+    )
+    yield from loader
+
+
+def by_shard(blocks: Iterable) -> Iterator[list]:
+    """Blocks (anything with ``shard_index`` and ``last``) grouped per shard, shards in order.
+
+    ``decode_blocks`` interleaves the shards its workers decode at the same time; grouping
+    here, and holding a shard that finished early until those before it are done, makes
+    what a caller sees independent of the worker count.
+    """
+    open_shards: dict[int, list] = {}
+    finished: dict[int, list] = {}
+    following = 0  # decode_blocks numbers its shards from 0
+    for block in blocks:
+        open_shards.setdefault(block.shard_index, []).append(block)
+        if not block.last:
+            continue
+        finished[block.shard_index] = open_shards.pop(block.shard_index)
+        while following in finished:
+            yield finished.pop(following)
+            following += 1
+
+
+def _single_threaded(_worker_id: int) -> None:
+    # Decoding processes share the cores with the encoder: one torch thread each.
+    torch.set_num_threads(1)

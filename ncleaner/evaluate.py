@@ -20,11 +20,12 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 
 from . import schema
 from .backbone import resolve_device
-from .decode import Pair, batched, decode_stream
-from .errors import NcleanerError, first_line
+from .config import DEFAULT_MAX_IMAGE_PIXELS
+from .embeddings import compute_features
+from .errors import NcleanerError, UnreadableShard, first_line
 from .model import NcleanerModel
 from .schema import AUTO_RULE, SCORE_COLUMNS
-from .shards import expand_shards, read_shards
+from .shards import expand_shards
 
 
 def truth_from_report(report: pd.DataFrame, field: str = "ncleaner_noisy") -> np.ndarray:
@@ -117,29 +118,45 @@ def recall_at_k(sim: torch.Tensor, ks: Sequence[int] = (1, 5, 10)) -> dict[str, 
     return out
 
 
-@torch.no_grad()
 def encode_shards(
     model: NcleanerModel,
     shards: str | Iterable[str],
     *,
     batch_size: int = 256,
-    keep: Callable[[Pair], bool] | None = None,
+    keep: Callable[[dict], bool] | None = None,
+    workers: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Backbone features (F_V, F_T) of every decodable pair of ``shards`` that ``keep`` accepts,
-    in shard order, and the number of samples left out."""
-    keep = keep or (lambda pair: True)
+    """Backbone features (F_V, F_T, L2-normalised) of every decodable pair of ``shards`` whose json
+    metadata ``keep`` accepts, in shard order, and the number of samples left out.
+
+    Evaluation needs every shard whole: an unreadable or damaged one is an error.
+    """
+    keep = keep or (lambda meta: True)
+    urls = expand_shards(shards)
     raw_v, raw_t, skipped = [], [], 0
-    pairs = decode_stream(read_shards(expand_shards(shards)), model.backbone.preprocess)
-    for block in batched(pairs, batch_size):
-        ok = [p for p in block if p.ok and keep(p)]
-        skipped += len(block) - len(ok)
-        if ok:
-            f_v, f_t = model.encode(torch.stack([p.image for p in ok]), model.tokenize([p.caption for p in ok]))
-            raw_v.append(f_v)
-            raw_t.append(f_t)
-    if not raw_v:
+    stream = compute_features(
+        urls,
+        model.encoder(),
+        preprocess=model.backbone.preprocess,
+        tokenizer=model.tokenize,
+        batch_size=batch_size,
+        workers=workers,
+        max_pixels=DEFAULT_MAX_IMAGE_PIXELS,
+    )
+    for shard in stream:
+        if shard.error:
+            raise UnreadableShard(shard.error)
+        if shard.damage:
+            raise NcleanerError(f"{shard.url}: {shard.damage}")
+        ok_metas = [m for m, s in zip(shard.metas, shard.statuses, strict=True) if s == schema.OK]
+        chosen = np.array([keep(m) for m in ok_metas], dtype=bool)
+        skipped += len(shard) - int(chosen.sum())
+        raw_v.append(torch.from_numpy(shard.f_v[chosen]))
+        raw_t.append(torch.from_numpy(shard.f_t[chosen]))
+    f_v, f_t = torch.cat(raw_v), torch.cat(raw_t)
+    if not len(f_v):
         raise NcleanerError(f"{shards}: no decodable pairs")
-    return torch.cat(raw_v), torch.cat(raw_t), skipped
+    return f_v.to(model.bank_v.device), f_t.to(model.bank_v.device), skipped
 
 
 def retrieval_metrics(
@@ -157,7 +174,7 @@ def retrieval_metrics(
     """
     model = NcleanerModel.load(model_dir, resolve_device(device), allow_download=allow_download)
     f_v, f_t, skipped = encode_shards(
-        model, shards, batch_size=batch_size, keep=lambda p: p.meta.get("ncleaner_noisy") is not True
+        model, shards, batch_size=batch_size, keep=lambda meta: meta.get("ncleaner_noisy") is not True
     )
     v_s, t_s = model.heads.mii(f_v, f_t)
     clip_v, clip_t = F.normalize(f_v, dim=-1), F.normalize(f_t, dim=-1)

@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from .backbone import Backbone, build_backbone, cosine, download_reason
 from .config import DisNCLConfig
+from .encode import Encoder
 from .errors import NcleanerError, first_line
 from .heads import DisNCLHeads
 from .mixture import TwoComponentMixture
@@ -161,22 +162,9 @@ class NcleanerModel(torch.nn.Module):
                 )
         return columns
 
-    @torch.no_grad()
-    def encode(self, images: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """F_V, F_T for a batch, in eval mode (NcleanerError when the backbone's features are not finite)."""
-        self.clip.eval()
-        device = self.bank_v.device
-        f_v, f_t = self.backbone.encode_image(images.to(device)), self.backbone.encode_text(tokens.to(device))
-        # Decoded images and tokens are finite, so non-finite features mean broken backbone weights,
-        # which score_features could not tell from bad input.
-        for what, inputs, features in (("image", images, f_v), ("text", tokens, f_t)):
-            bad = int((_finite_rows(inputs.to(device)) & ~_finite_rows(features)).sum())
-            if bad:
-                raise NcleanerError(
-                    f"{self._source()}: backbone gives non-finite {what} features for {bad} of {len(features)} "
-                    f"pairs (damaged backbone weights)"
-                )
-        return f_v, f_t
+    def encoder(self) -> Encoder:
+        """The encode stage for this model's backbone, on the model's device, at its precision."""
+        return Encoder(self.backbone, self.bank_v.device, precision=self.config.precision, source=self._source())
 
     def _source(self) -> str:
         """What an error message calls this model: its directory, or its backbone before it is saved."""

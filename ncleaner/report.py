@@ -16,19 +16,20 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from tqdm.auto import tqdm
 
-from . import schema
 from .backbone import resolve_device
-from .decode import DEFAULT_MAX_IMAGE_PIXELS, Pair, batched, decode_stream
+from .decode import DEFAULT_MAX_IMAGE_PIXELS, default_workers
+from .embeddings import ShardFeatures, open_for_model, shard_features
 from .errors import NcleanerError, UnreadableShard
 from .model import NcleanerModel
 from .schema import SCORE_COLUMNS, failed_marker, report_paths, report_schema
-from .shards import expand_shards, read_shard, shard_names
+from .shards import expand_shards, shard_names
 from .writer import atomic_write, output_error, remove_stale_partials, write_json
 
 logger = logging.getLogger(__name__)
@@ -59,6 +60,9 @@ def score(
     keep_json_fields: Sequence[str] = (),
     on_bad_shard: str = "fail",
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    embeddings: str | Path | None = None,
+    embeddings_backbone: str | None = None,
+    workers: int | None = None,
     progress: bool = False,
     allow_download: bool = False,
 ) -> ScoreResult:
@@ -76,6 +80,12 @@ def score(
         on_bad_shard: ``fail`` stops at a shard that cannot be read; ``skip`` records it
             (``_<shard>.failed.json``, tried again by the next run) and goes on.
         max_image_pixels: larger images are not decoded (status ``too_large``).
+        embeddings: an embeddings directory (``ncleaner.embeddings``): shards it holds are
+            scored from their stored features; the others are encoded and added to it.
+        embeddings_backbone: the backbone that wrote ``embeddings`` when it has no
+            ``embeddings.json`` (clip-retrieval's own output).
+        workers: decoding processes (None: one per core, at most one per shard; 0: decode in
+            this process). The report does not depend on it.
         progress: show one progress bar over the pairs of all shards.
         allow_download: let open_clip download the backbone the model names (see ``NcleanerModel.load``).
     """
@@ -97,52 +107,77 @@ def score(
     if not overwrite:
         _refuse_other_models(out, model.model_id)
     result = ScoreResult(report_dir=out, model_id=model.model_id)
+    todo = [
+        (url, name)
+        for url, name in zip(urls, names, strict=True)
+        if not _already_scored(out, url, name, model.model_id, overwrite, result)
+    ]
+    if result.skipped_shards:
+        logger.info("skipped %d shard(s) already scored (use --overwrite to redo)", len(result.skipped_shards))
+    if not todo:
+        return result
+    store = None
+    if embeddings is not None:
+        store = open_for_model(embeddings, model.config, create=True, assume_backbone=embeddings_backbone)
     # One bar for the whole pool: the total is unknown until every shard is read, so it counts pairs.
-    bar = tqdm(unit="pair", disable=not progress, dynamic_ncols=True)
-    for done_shards, (url, name) in enumerate(zip(urls, names, strict=True)):
-        bar.set_description(f"scoring, {done_shards}/{len(urls)} shards done")
+    bar = tqdm(unit="pair", disable=not progress, dynamic_ncols=True, desc=f"scoring {len(todo)} shard(s)")
+    stream = shard_features(
+        [u for u, _ in todo],
+        [n for _, n in todo],
+        model.encoder(),
+        store=store,
+        preprocess=model.backbone.preprocess,
+        tokenizer=model.tokenize,
+        batch_size=batch_size,
+        workers=default_workers(len(todo)) if workers is None else workers,
+        max_pixels=max_image_pixels,
+        progress=bar.update,
+    )
+    for features, (url, name) in zip(stream, todo, strict=True):
         target, marker = report_paths(out, name)
-        if marker.exists() and not overwrite:
-            done = json.loads(marker.read_text())
-            if done.get("model_id") != model.model_id or done.get("shard") != url:
-                raise NcleanerError(
-                    f"{target}: already scored from {done.get('shard')} with model {done.get('model_id')}; "
-                    "use --overwrite to replace it"
-                )
-            result.skipped_shards.append(url)
-            result.rows += done["rows"]
-            result.statuses.update(done["statuses"])
-            continue
-        try:
-            table, damage = _score_shard(model, url, table_schema, keep_json_fields, batch_size, max_image_pixels, bar)
-        except UnreadableShard as exc:
+        if features.error:
             if on_bad_shard == "fail":
-                raise
-            logger.warning("skipped %s", exc)
-            write_json(failed_marker(out, name), {"shard": url, "reason": str(exc)})
-            result.failed_shards[url] = str(exc)
+                raise UnreadableShard(features.error)
+            logger.warning("skipped %s", features.error)
+            write_json(failed_marker(out, name), {"shard": url, "reason": features.error})
+            result.failed_shards[url] = features.error
             continue
-        statuses = Counter(table.column("status").to_pylist())
+        table = _report_table(model, features, table_schema, keep_json_fields)
+        statuses = Counter(features.statuses)
         atomic_write(target, lambda tmp, t=table: pq.write_table(t, tmp))
         done = {
             "shard": url,
             "rows": table.num_rows,
             "model_id": model.model_id,
             "statuses": dict(statuses),
-            "damage": damage,
+            "damage": features.damage,
         }
         write_json(marker, done)
         failed_marker(out, name).unlink(missing_ok=True)
         result.scored_shards.append(url)
         result.rows += table.num_rows
         result.statuses.update(statuses)
-        if damage:
+        if features.damage:
             result.truncated_shards.append(url)
-    bar.set_description(f"scoring, {len(urls)}/{len(urls)} shards done")
     bar.close()
-    if result.skipped_shards:
-        logger.info("skipped %d shard(s) already scored (use --overwrite to redo)", len(result.skipped_shards))
     return result
+
+
+def _already_scored(out: Path, url: str, name: str, model_id: str, overwrite: bool, result: ScoreResult) -> bool:
+    """Whether the report holds this shard from this model (counted into ``result``); another's is an error."""
+    target, marker = report_paths(out, name)
+    if overwrite or not marker.exists():
+        return False
+    done = json.loads(marker.read_text())
+    if done.get("model_id") != model_id or done.get("shard") != url:
+        raise NcleanerError(
+            f"{target}: already scored from {done.get('shard')} with model {done.get('model_id')}; "
+            "use --overwrite to replace it"
+        )
+    result.skipped_shards.append(url)
+    result.rows += done["rows"]
+    result.statuses.update(done["statuses"])
+    return True
 
 
 def _refuse_other_models(out: Path, model_id: str) -> None:
@@ -159,54 +194,39 @@ def _refuse_other_models(out: Path, model_id: str) -> None:
             )
 
 
-@torch.no_grad()
-def _score_shard(
-    model: NcleanerModel,
-    url: str,
-    table_schema: pa.Schema,
-    keep_json_fields: Sequence[str],
-    batch_size: int,
-    max_image_pixels: int,
-    bar: tqdm,
-) -> tuple[pa.Table, str | None]:
-    """One shard's report rows, and the reader's damage note when the shard ended early."""
-    rows: list[dict] = []
-    reader = read_shard(url)
-    pairs = decode_stream(reader, model.backbone.preprocess, max_pixels=max_image_pixels)
-    for block in batched(pairs, batch_size):
-        ok = [p for p in block if p.ok]
-        scores: dict = {}
-        if ok:
-            images = torch.stack([p.image for p in ok])
-            scores = model.score_features(*model.encode(images, model.tokenize([p.caption for p in ok])))
-        j = 0  # position of the next ok pair within ``scores``
-        for pair in block:
-            rows.append(_row(pair, model.model_id, scores, j if pair.ok else None, keep_json_fields))
-            j += pair.ok
-        bar.update(len(block))
-    if reader.damage:
-        # The cut may have taken members of any sample read from this shard: none is scored.
-        for row in rows:
-            row.update({"status": schema.TRUNCATED_SHARD, **dict.fromkeys(SCORE_COLUMNS)})
-    return pa.Table.from_pylist(rows, schema=table_schema), reader.damage
+# Rows scored at once: the soft agreement compares each with the whole reference bank.
+_SCORE_CHUNK = 4096
 
 
-def _row(pair: Pair, model_id: str, scores: dict, i: int | None, keep_json_fields: Sequence[str]) -> dict:
-    row = {
-        "key": pair.raw.key,
-        "shard": pair.raw.shard,
-        "index": pair.raw.index,
-        "caption": pair.caption,
-        "url": pair.url,
-        "status": pair.status,
-        "model_id": model_id,
+def _report_table(
+    model: NcleanerModel, features: ShardFeatures, table_schema: pa.Schema, keep_json_fields: Sequence[str]
+) -> pa.Table:
+    """One shard's report, built column by column (no per-row Python objects)."""
+    ok = features.ok
+    n = len(features)
+    scores = {c: np.zeros(n, np.float32) for c in SCORE_COLUMNS}
+    rows = np.flatnonzero(ok)
+    device = model.bank_v.device
+    for start in range(0, len(rows), _SCORE_CHUNK):
+        part = slice(start, start + _SCORE_CHUNK)
+        f_v = torch.from_numpy(features.f_v[part]).to(device)
+        f_t = torch.from_numpy(features.f_t[part]).to(device)
+        for column, values in model.score_features(f_v, f_t).items():
+            scores[column][rows[part]] = values
+    columns = {
+        "key": features.keys,
+        "shard": [features.url] * n,
+        "index": features.indices,
+        "caption": features.captions,
+        "url": features.urls,
+        "status": features.statuses,
+        **{c: pa.array(v, mask=~ok) for c, v in scores.items()},
+        "model_id": [model.model_id] * n,
     }
-    for column in SCORE_COLUMNS:
-        row[column] = None if i is None else float(scores[column][i])
     for f in keep_json_fields:
-        value = pair.meta.get(f)
-        row[f] = value if value is None or isinstance(value, str) else json.dumps(value)
-    return row
+        values = (m.get(f) for m in features.metas)
+        columns[f] = [v if v is None or isinstance(v, str) else json.dumps(v) for v in values]
+    return pa.table([columns[f.name] for f in table_schema], schema=table_schema)
 
 
 def read_report(report_dir: str | Path) -> pd.DataFrame:

@@ -26,12 +26,13 @@ from tqdm.auto import tqdm
 from . import losses, schema
 from .backbone import resolve_device
 from .config import DisNCLConfig
-from .decode import DEFAULT_MAX_IMAGE_PIXELS, batched, decode_stream
+from .decode import DEFAULT_MAX_IMAGE_PIXELS, by_shard, decode_blocks, default_workers
+from .embeddings import EmbeddingStore, open_for_model, shard_features
 from .errors import NcleanerError, UnreadableShard
 from .heads import DisNCLCritics
 from .mixture import TwoComponentMixture
 from .model import MODEL_FILES, Calibration, NcleanerModel, soft_agreement
-from .shards import expand_shards, read_shard
+from .shards import expand_shards, shard_names
 from .writer import StagedDir
 
 logger = logging.getLogger(__name__)
@@ -39,17 +40,19 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class TrainingSet:
-    """What fit keeps in memory: per ok pair, either cached features or decoded inputs."""
+    """What fit keeps in memory: per sampled ok pair, cached features (float16) or decoded inputs."""
 
     statuses: Counter = field(default_factory=Counter)
-    f_v: torch.Tensor | None = None  # frozen backbone: cached features
+    f_v: torch.Tensor | None = None  # frozen backbone: cached features, L2-normalised, float16
     f_t: torch.Tensor | None = None
     images: torch.Tensor | None = None  # trained backbone: decoded inputs
     tokens: torch.Tensor | None = None
     skipped_shards: dict[str, str] = field(default_factory=dict)  # unreadable shard -> why
+    pool_pairs: int = 0  # ok pairs read, of which the set is a uniform sample
 
     def __len__(self) -> int:
-        return len(self.f_v if self.f_v is not None else self.images)
+        held = self.f_v if self.f_v is not None else self.images
+        return 0 if held is None else len(held)
 
 
 @dataclass
@@ -63,6 +66,50 @@ class FitResult:
     skipped_shards: dict[str, str] = field(default_factory=dict)
 
 
+class Reservoir:
+    """A uniform random sample of at most ``k`` rows from a stream, in one pass (Vitter's Algorithm R).
+
+    Rows are added in batches of aligned tensors (features of both sides, or images and
+    tokens); memory is ``k`` rows whatever the stream's length. The sample depends only on
+    ``seed`` and the order of the rows.
+    """
+
+    def __init__(self, k: int, seed: int):
+        self.k, self.seen = k, 0
+        self.rng = np.random.default_rng(seed)
+        self.columns: list[torch.Tensor] | None = None
+
+    def add(self, *columns: torch.Tensor) -> None:
+        n = len(columns[0])
+        if self.columns is None:
+            self.columns = [torch.empty((min(self.k, 1 << 16), *c.shape[1:]), dtype=c.dtype) for c in columns]
+        filled = min(self.seen, self.k)
+        take = min(n, self.k - filled)  # while not full, every row is kept
+        if take:
+            self._grow(filled + take)
+            for store, c in zip(self.columns, columns, strict=True):
+                store[filled : filled + take] = c[:take]
+        if take < n:
+            # Row t (0-based in the stream) replaces a random slot with probability k / (t + 1).
+            t = self.seen + np.arange(take, n)
+            slots = (self.rng.random(n - take) * (t + 1)).astype(np.int64)
+            for row, slot in zip(np.flatnonzero(slots < self.k) + take, slots[slots < self.k], strict=True):
+                for store, c in zip(self.columns, columns, strict=True):
+                    store[slot] = c[row]
+        self.seen += n
+
+    def _grow(self, size: int) -> None:
+        # Storage grows with the sample, so a small pool does not allocate k rows.
+        if size > len(self.columns[0]):
+            new = min(self.k, max(size, 2 * len(self.columns[0])))
+            self.columns = [torch.cat([c, c.new_empty((new - len(c), *c.shape[1:]))]) for c in self.columns]
+
+    def sample(self) -> list[torch.Tensor] | None:
+        if self.columns is None:
+            return None
+        return [c[: min(self.seen, self.k)] for c in self.columns]
+
+
 def load_training_set(
     urls: list[str],
     model: NcleanerModel,
@@ -71,60 +118,83 @@ def load_training_set(
     *,
     on_bad_shard: str = "fail",
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    workers: int = 0,
+    store: EmbeddingStore | None = None,
 ) -> TrainingSet:
-    """Read and decode every shard once; cache features (frozen) or inputs (trained backbone).
+    """Read every shard once and keep a uniform sample of at most ``config.max_fit_pairs`` ok pairs:
+    their features (frozen backbone; read from ``store`` where it has them) or their
+    decoded inputs (trained backbone).
 
     A shard that ends early contributes no pair (all its samples count as
     ``truncated_shard``); an unreadable one stops the run, or with
     ``on_bad_shard="skip"`` is recorded in ``skipped_shards`` and left out.
     """
     data = TrainingSet()
-    parts: dict[str, list[torch.Tensor]] = {"a": [], "b": []}
+    max_fit_pairs = model.config.max_fit_pairs
+    reservoir = Reservoir(max_fit_pairs, model.config.seed)
     bar = tqdm(desc="encoding" if not model.trains_backbone else "decoding", unit="pair", disable=not progress)
-    for url in urls:
-        try:
-            shard_parts, statuses = _load_shard(url, model, batch_size, max_image_pixels, bar)
-        except UnreadableShard as exc:
+    for url, statuses, error, columns in _shards(urls, model, batch_size, workers, max_image_pixels, store, bar):
+        if error:
             if on_bad_shard == "fail":
-                raise
-            logger.warning("skipped %s", exc)
-            data.skipped_shards[url] = str(exc)
+                raise UnreadableShard(error)
+            logger.warning("skipped %s", error)
+            data.skipped_shards[url] = error
             continue
         data.statuses.update(statuses)
-        for k in parts:
-            parts[k].extend(shard_parts[k])
+        if columns is not None and len(columns[0]):
+            reservoir.add(*columns)
     bar.close()
-    if parts["a"]:
-        a, b = torch.cat(parts["a"]), torch.cat(parts["b"])
+    data.pool_pairs = reservoir.seen
+    sample = reservoir.sample()
+    if sample is not None:
         if model.trains_backbone:
-            data.images, data.tokens = a, b
+            data.images, data.tokens = sample
         else:
-            data.f_v, data.f_t = a, b
+            data.f_v, data.f_t = sample
+    if reservoir.seen > max_fit_pairs:
+        logger.info("training on a uniform sample of %d of the %d usable pairs", max_fit_pairs, reservoir.seen)
     return data
 
 
-def _load_shard(url, model: NcleanerModel, batch_size: int, max_image_pixels: int, bar):
-    """One shard's cached inputs or features (``a``: images / F_V, ``b``: tokens / F_T) and statuses."""
-    reader = read_shard(url)
-    statuses: Counter = Counter()
-    parts: dict[str, list[torch.Tensor]] = {"a": [], "b": []}
-    for block in batched(decode_stream(reader, model.backbone.preprocess, max_pixels=max_image_pixels), batch_size):
-        statuses.update(p.status for p in block)
-        bar.update(len(block))
-        ok = [p for p in block if p.ok]
-        if not ok:
+def _shards(urls, model: NcleanerModel, batch_size, workers, max_image_pixels, store, bar):
+    """Per shard in order: (url, statuses, error, the ok pairs' columns for the reservoir or None)."""
+    if not model.trains_backbone:
+        stream = shard_features(
+            urls,
+            shard_names(urls),
+            model.encoder(),
+            store=store,
+            preprocess=model.backbone.preprocess,
+            tokenizer=model.tokenize,
+            batch_size=batch_size,
+            workers=workers,
+            max_pixels=max_image_pixels,
+            progress=bar.update,
+        )
+        for shard in stream:
+            # float16 halves the cache; fit from embeddings and fit from fresh features see the same values.
+            columns = (torch.from_numpy(shard.f_v).half(), torch.from_numpy(shard.f_t).half())
+            yield shard.url, Counter(shard.statuses), shard.error, None if shard.error else columns
+        return
+    blocks = decode_blocks(
+        urls,
+        model.backbone.preprocess,
+        model.tokenize,
+        batch_size=batch_size,
+        workers=workers,
+        max_pixels=max_image_pixels,
+    )
+    for group in by_shard(blocks):
+        last = group[-1]
+        statuses = Counter(p.status for b in group for p in b.pairs)
+        bar.update(sum(statuses.values()))
+        if last.damage:
+            # The cut may have taken members of any of its samples: train on none of them.
+            yield last.url, Counter({schema.TRUNCATED_SHARD: sum(statuses.values())}), None, None
             continue
-        x = torch.stack([p.image for p in ok])
-        t = model.tokenize([p.caption for p in ok])
-        if not model.trains_backbone:
-            f_v, f_t = model.encode(x, t)
-            x, t = f_v.float().cpu(), f_t.float().cpu()
-        parts["a"].append(x)
-        parts["b"].append(t)
-    if reader.damage:
-        # The cut may have taken members of any of its samples: train on none of them.
-        return {"a": [], "b": []}, Counter({schema.TRUNCATED_SHARD: sum(statuses.values())})
-    return parts, statuses
+        inputs = [b for b in group if b.images is not None]
+        columns = (torch.cat([b.images for b in inputs]), torch.cat([b.tokens for b in inputs])) if inputs else None
+        yield last.url, statuses, last.error, columns
 
 
 def fit(
@@ -136,6 +206,9 @@ def fit(
     force: bool = False,
     on_bad_shard: str = "fail",
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    embeddings: str | Path | None = None,
+    embeddings_backbone: str | None = None,
+    workers: int | None = None,
     progress: bool = False,
 ) -> FitResult:
     """Train a DisNCL model on ``shards`` and save it to ``out_dir``.
@@ -150,6 +223,13 @@ def fit(
         on_bad_shard: ``fail`` stops at an unreadable shard; ``skip`` leaves it out
             and lists it in ``FitResult.skipped_shards``.
         max_image_pixels: larger images are not decoded (status ``too_large``).
+        embeddings: an embeddings directory (``ncleaner.embeddings``, frozen backbone only):
+            shards it holds are read from it, the others encoded and added to it, so that
+            a later ``score`` with the same directory encodes nothing again.
+        embeddings_backbone: the backbone that wrote ``embeddings`` when it has no
+            ``embeddings.json`` (clip-retrieval's own output).
+        workers: decoding processes (None: one per core, at most one per shard; 0: decode in
+            this process). The model does not depend on it.
         progress: show progress bars (the per-epoch lines go to this module's logger, at INFO).
     """
     config = config or DisNCLConfig()
@@ -161,22 +241,42 @@ def fit(
         raise NcleanerError(f"--on-bad-shard {on_bad_shard}: must be fail or skip")
     urls = expand_shards(shards)
     with StagedDir(out_dir, force=force, owned=lambda _: set(MODEL_FILES)) as stage:
-        result = _fit(urls, stage.path, config, device, on_bad_shard, max_image_pixels, progress)
+        workers = default_workers(len(urls)) if workers is None else workers
+        reading = {
+            "on_bad_shard": on_bad_shard,
+            "max_image_pixels": max_image_pixels,
+            "workers": workers,
+            "embeddings": embeddings,
+            "embeddings_backbone": embeddings_backbone,
+        }
+        result = _fit(urls, stage.path, config, device, reading, progress)
         result.model_dir = stage.commit()
     return result
 
 
-def _fit(urls, out: Path, config, device, on_bad_shard, max_image_pixels, progress) -> FitResult:
+def _fit(urls, out: Path, config, device, reading: dict, progress) -> FitResult:
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
 
     device = resolve_device(device)
     model = NcleanerModel.create(config, device)
     config = model.config  # with the backbone's embed_dim
+    store = None
+    if reading["embeddings"] is not None:
+        store = open_for_model(
+            reading["embeddings"], config, create=True, assume_backbone=reading["embeddings_backbone"]
+        )
     data = load_training_set(
-        urls, model, config.batch_size, progress, on_bad_shard=on_bad_shard, max_image_pixels=max_image_pixels
+        urls,
+        model,
+        config.batch_size,
+        progress,
+        on_bad_shard=reading["on_bad_shard"],
+        max_image_pixels=reading["max_image_pixels"],
+        workers=reading["workers"],
+        store=store,
     )
-    n = data.statuses.get(schema.OK, 0)
+    n = len(data)
     if n < 4:
         raise NcleanerError(f"{urls[0]}{' ...' if len(urls) > 1 else ''}: only {n} usable pairs; need at least 4")
     bad = {k: v for k, v in data.statuses.items() if k != schema.OK}
@@ -218,7 +318,7 @@ def _fit(urls, out: Path, config, device, on_bad_shard, max_image_pixels, progre
         model_dir=out,
         model_id=mid,
         pairs_read=sum(data.statuses.values()),
-        pairs_used=n,
+        pairs_used=len(data),
         statuses=dict(data.statuses),
         history=history,
         skipped_shards=data.skipped_shards,
@@ -228,7 +328,7 @@ def _fit(urls, out: Path, config, device, on_bad_shard, max_image_pixels, progre
 def _features(model: NcleanerModel, data: TrainingSet, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     device = model.bank_v.device
     if data.f_v is not None:
-        return data.f_v[idx].to(device), data.f_t[idx].to(device)
+        return data.f_v[idx].to(device).float(), data.f_t[idx].to(device).float()
     return (
         model.backbone.encode_image(data.images[idx].to(device)),
         model.backbone.encode_text(data.tokens[idx].to(device)),

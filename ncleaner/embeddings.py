@@ -1,0 +1,616 @@
+"""Backbone features written once and read back by every later run (docs/design.md section 10).
+
+An embeddings directory has the layout clip-retrieval writes and LAION publishes::
+
+    EMB/img_emb/img_emb_{N}.npy          float16, L2-normalised, one row per ok pair
+    EMB/text_emb/text_emb_{N}.npy        same rows, text side
+    EMB/metadata/metadata_{N}.parquet    image_path (= the sample key), caption, url, shard, index,
+                                         status, json, image_sha1: row i is row i of both arrays
+    EMB/skipped/skipped_{N}.parquet      the samples that have no embedding, with their status
+    EMB/embeddings.json                  backbone, pretrained tag or checkpoint hash, dim, dtype
+
+ncleaner writes one part per input shard, N being the shard's name (as for report
+parts), metadata last, so a part whose metadata exists is complete and an
+interrupted ``embed`` resumes shard by shard. Rows are joined to samples on the
+sample key within the shard's part, never on position, and only when the caption
+and the image bytes' SHA-1 still match: a stale embedding is not used.
+
+Directories written by clip-retrieval itself (no ``embeddings.json``, several
+input shards per part, no shard column) are read too when the caller names the
+backbone they came from; their rows are joined on the key alone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm.auto import tqdm
+
+from . import __version__, schema
+from .backbone import build_backbone, download_reason, resolve_device
+from .config import DEFAULT_MAX_IMAGE_PIXELS
+from .decode import by_shard, decode_blocks, default_workers, image_member, read_text_fields
+from .encode import Encoder
+from .errors import NcleanerError, UnreadableShard, first_line
+from .shards import expand_shards, read_shard, shard_names
+from .writer import atomic_write, output_error, remove_stale_partials, write_json
+
+logger = logging.getLogger(__name__)
+
+INFO_FILE = "embeddings.json"
+DTYPE = "float16"
+META_FIELDS = [
+    pa.field("image_path", pa.string()),
+    pa.field("caption", pa.string()),
+    pa.field("url", pa.string()),
+    pa.field("shard", pa.string()),
+    pa.field("index", pa.int64()),
+    pa.field("status", pa.string()),
+    pa.field("json", pa.string()),
+    pa.field("image_sha1", pa.string()),
+]
+META_SCHEMA = pa.schema(META_FIELDS)
+
+
+def backbone_identity(backbone: str, pretrained: str | None, dim: int) -> dict:
+    """What makes two sets of features comparable: the backbone, its weights, their width.
+
+    A checkpoint file is identified by its SHA-256 (the same weights under another path
+    match; other weights under the same path do not); a pretrained tag by its name.
+    """
+    identity = {"backbone": backbone, "pretrained": pretrained, "dim": dim}
+    if pretrained and os.path.isfile(pretrained):
+        digest = hashlib.sha256()
+        with open(pretrained, "rb") as f:
+            while chunk := f.read(1 << 24):
+                digest.update(chunk)
+        identity.update(pretrained=os.path.basename(pretrained), pretrained_sha256=digest.hexdigest())
+    return identity
+
+
+@dataclass
+class ShardFeatures:
+    """One shard's samples after the encode stage: per-sample text fields and status, and the
+    features (float32, L2-normalised) of the ok samples, in sample order."""
+
+    index: int
+    url: str
+    keys: list[str] = field(default_factory=list)
+    indices: list[int] = field(default_factory=list)
+    captions: list[str | None] = field(default_factory=list)
+    urls: list[str | None] = field(default_factory=list)
+    statuses: list[str] = field(default_factory=list)
+    metas: list[dict] = field(default_factory=list)
+    sha1s: list[str | None] = field(default_factory=list)
+    f_v: np.ndarray | None = None
+    f_t: np.ndarray | None = None
+    damage: str | None = None
+    error: str | None = None
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    @property
+    def ok(self) -> np.ndarray:
+        return np.array([s == schema.OK for s in self.statuses], dtype=bool)
+
+    def add(self, key, index, caption, url, status, meta, sha1) -> None:
+        self.keys.append(key)
+        self.indices.append(index)
+        self.captions.append(caption)
+        self.urls.append(url)
+        self.statuses.append(status)
+        self.metas.append(meta)
+        self.sha1s.append(sha1)
+
+    def flag_damage(self) -> None:
+        """The cut may have taken members of any sample read from the shard: none is used."""
+        self.statuses = [schema.TRUNCATED_SHARD] * len(self)
+        dim = 0 if self.f_v is None else self.f_v.shape[1]
+        self.f_v = self.f_t = np.zeros((0, dim), dtype=np.float32)
+
+
+@dataclass
+class _Part:
+    """A stored part: per key, (status, row in the arrays or -1, caption, sha1)."""
+
+    rows: dict[str, tuple[str, int, str | None, str | None]]
+    img: np.ndarray
+    txt: np.ndarray
+
+
+class EmbeddingStore:
+    """An embeddings directory: reads parts, writes missing ones (see the module docstring).
+
+    Use ``EmbeddingStore.open``. ``identity`` is what the caller's backbone is
+    (``backbone_identity``); a directory holding another backbone's features is refused.
+    """
+
+    def __init__(self, root: Path, identity: dict, *, foreign: bool):
+        self.root, self.identity, self.foreign = root, identity, foreign
+        self._foreign_index: dict[str, tuple[int, int]] | None = None
+        self._foreign_parts: list[_Part] = []
+
+    @classmethod
+    def open(cls, root: str | Path, identity: dict, *, create: bool, assume_backbone: str | None = None):
+        """The store at ``root``; with ``create`` an absent or empty directory becomes one.
+
+        ``assume_backbone``: the open_clip name of the backbone that wrote a directory without
+        ``embeddings.json`` (clip-retrieval's own output); such a directory is only read.
+        """
+        root = Path(root)
+        info_path = root / INFO_FILE
+        if info_path.is_file():
+            try:
+                info = json.loads(info_path.read_text())
+            except (OSError, ValueError) as exc:
+                raise NcleanerError(f"{info_path}: cannot read: {first_line(exc)}") from exc
+            _check_identity(info_path, info, identity)
+            return cls(root, identity, foreign=False)
+        if (root / "metadata").is_dir() and any((root / "metadata").glob("*.parquet")):
+            if assume_backbone is None:
+                raise NcleanerError(
+                    f"{root}: embeddings without {INFO_FILE} (written by another tool?): "
+                    "name the backbone that computed them with --embeddings-backbone"
+                )
+            if assume_backbone != identity["backbone"]:
+                raise NcleanerError(
+                    f"{root}: --embeddings-backbone {assume_backbone} but the model uses {identity['backbone']}"
+                )
+            return cls(root, identity, foreign=True)
+        if not create:
+            raise NcleanerError(f"{root}: not an embeddings directory (no {INFO_FILE}; run ncleaner embed)")
+        if root.exists() and not root.is_dir():
+            raise NcleanerError(f"{root}: exists and is not a directory")
+        try:
+            for sub in ("img_emb", "text_emb", "metadata", "skipped"):
+                (root / sub).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise output_error(root, exc) from exc
+        info = {
+            **identity,
+            "dtype": DTYPE,
+            "normalized": True,
+            "layout": "clip-retrieval: img_emb, text_emb, metadata; one part per input shard",
+            "written_by": f"ncleaner {__version__}",
+        }
+        write_json(info_path, info)
+        return cls(root, identity, foreign=False)
+
+    def _paths(self, name: str) -> dict[str, Path]:
+        return {
+            "img": self.root / "img_emb" / f"img_emb_{name}.npy",
+            "txt": self.root / "text_emb" / f"text_emb_{name}.npy",
+            "meta": self.root / "metadata" / f"metadata_{name}.parquet",
+            "skipped": self.root / "skipped" / f"skipped_{name}.parquet",
+        }
+
+    def has(self, name: str) -> bool:
+        """Whether the part of shard ``name`` is complete (a foreign directory: always looked up by key)."""
+        return self.foreign or self._paths(name)["meta"].is_file()
+
+    def write(self, name: str, features: ShardFeatures) -> None:
+        """Store one shard's features as part ``name``; the metadata goes last, marking it complete."""
+        if self.foreign:
+            raise NcleanerError(f"{self.root}: written by another tool; ncleaner does not add parts to it")
+        paths = self._paths(name)
+        for sub in ("img_emb", "text_emb", "metadata", "skipped"):
+            remove_stale_partials(self.root / sub)
+        ok = features.ok
+        for side, values in (("img", features.f_v), ("txt", features.f_t)):
+            array = np.ascontiguousarray(values, dtype=np.float16)
+            atomic_write(paths[side], lambda tmp, a=array: _save_npy(tmp, a))
+        for kind, rows in (("skipped", ~ok), ("meta", ok)):
+            table = _metadata_table(features, rows)
+            meta = {b"ncleaner": json.dumps({"shard": features.url, "damage": features.damage}).encode()}
+            table = table.replace_schema_metadata(meta)
+            atomic_write(paths[kind], lambda tmp, t=table: pq.write_table(t, tmp))
+
+    def read(self, name: str, url: str, shard_index: int) -> ShardFeatures:
+        """Shard ``url`` joined with the stored features: the shard is read (not decoded) for its keys.
+
+        A sample the store has no usable row for (absent, or its caption or image changed
+        since) gets status ``missing_embedding``.
+        """
+        if self.foreign:
+            self._index_foreign()
+        part = None if self.foreign else self._part(name)
+        out = ShardFeatures(shard_index, url)
+        rows, stale = [], 0
+        reader = read_shard(url)
+        try:
+            for raw in reader:
+                caption, link, meta, _ = read_text_fields(raw)
+                image = image_member(raw)
+                sha1 = hashlib.sha1(image).hexdigest() if image is not None else None
+                stored, row = self._lookup(part, raw.key)
+                status = raw.problem or (stored[0] if stored else schema.MISSING_EMBEDDING)
+                if stored and (stored[2] != caption or (stored[3] is not None and stored[3] != sha1)):
+                    status, stale = schema.MISSING_EMBEDDING, stale + 1
+                if status == schema.OK:
+                    rows.append(row)
+                out.add(raw.key, raw.index, caption, link, status, meta, sha1)
+        except UnreadableShard as exc:
+            return ShardFeatures(shard_index, url, error=str(exc))
+        if stale:
+            logger.warning(
+                "%s: %d sample(s) changed since their embeddings were computed (caption or image differs); "
+                "they are scored as missing_embedding",
+                url,
+                stale,
+            )
+        img, txt = self._arrays(part, rows)
+        out.f_v, out.f_t = img, txt
+        out.damage = reader.damage
+        if out.damage:
+            out.flag_damage()
+        return out
+
+    def _lookup(self, part, key: str):
+        if self.foreign:
+            where = self._foreign_index.get(key)
+            if where is None:
+                return None, None
+            p, row = where
+            stored = self._foreign_parts[p].rows[key]
+            return stored, (p, stored[1])
+        stored = part.rows.get(key)
+        return stored, (None, stored[1]) if stored else None
+
+    def _arrays(self, part, rows) -> tuple[np.ndarray, np.ndarray]:
+        dim = self.identity["dim"]
+        if not rows:
+            return np.zeros((0, dim), np.float32), np.zeros((0, dim), np.float32)
+        if self.foreign:
+            img = np.stack([self._foreign_parts[p].img[r] for p, r in rows]).astype(np.float32)
+            txt = np.stack([self._foreign_parts[p].txt[r] for p, r in rows]).astype(np.float32)
+        else:
+            index = np.array([r for _, r in rows])
+            img, txt = part.img[index].astype(np.float32), part.txt[index].astype(np.float32)
+        if self.foreign:
+            # Another tool's features may be float32 or not normalised: made canonical as fresh ones are.
+            return _canonical(img), _canonical(txt)
+        return img, txt  # stored by ncleaner: already the canonical values
+
+    def _part(self, name: str) -> _Part:
+        paths = self._paths(name)
+        meta = _read_parquet(paths["meta"])
+        skipped = _read_parquet(paths["skipped"]) if paths["skipped"].is_file() else None
+        img, txt = (_load_npy(paths[side], self.identity["dim"]) for side in ("img", "txt"))
+        if not len(img) == len(txt) == meta.num_rows:
+            raise NcleanerError(
+                f"{paths['meta']}: {meta.num_rows} rows but {len(img)} image and {len(txt)} text embeddings "
+                "(an incomplete part: delete it and run again)"
+            )
+        rows: dict[str, tuple] = {}
+        for i, (key, caption, sha1) in enumerate(
+            zip(*(meta.column(c).to_pylist() for c in ("image_path", "caption", "image_sha1")), strict=True)
+        ):
+            rows[key] = (schema.OK, i, caption, sha1)
+        if skipped is not None:
+            for key, caption, sha1, status in zip(
+                *(skipped.column(c).to_pylist() for c in ("image_path", "caption", "image_sha1", "status")),
+                strict=True,
+            ):
+                rows.setdefault(key, (status, -1, caption, sha1))
+        return _Part(rows, img, txt)
+
+    def _index_foreign(self) -> None:
+        """Index every part of a clip-retrieval directory by key (once; keys are unique in a pool)."""
+        if self._foreign_index is not None:
+            return
+        self._foreign_index = {}
+        metas = sorted((self.root / "metadata").glob("*.parquet"))
+        for p, meta_path in enumerate(metas):
+            suffix = meta_path.stem.removeprefix("metadata_")
+            img = _load_npy(self.root / "img_emb" / f"img_emb_{suffix}.npy", self.identity["dim"])
+            txt = _load_npy(self.root / "text_emb" / f"text_emb_{suffix}.npy", self.identity["dim"])
+            meta = _read_parquet(meta_path)
+            if "image_path" not in meta.column_names:
+                raise NcleanerError(f"{meta_path}: no image_path column to join on")
+            if not len(img) == len(txt) == meta.num_rows:
+                raise NcleanerError(f"{meta_path}: {meta.num_rows} rows but {len(img)} / {len(txt)} embeddings")
+            captions = meta.column("caption").to_pylist() if "caption" in meta.column_names else [None] * len(img)
+            rows = {}
+            for i, (key, caption) in enumerate(zip(meta.column("image_path").to_pylist(), captions, strict=True)):
+                key = str(key)
+                # Without a stored caption nothing can be checked: the key alone joins.
+                rows[key] = (schema.OK, i, caption, None)
+                self._foreign_index[key] = (p, i)
+            self._foreign_parts.append(_Part(rows, img, txt))
+
+
+def open_for_model(root: str | Path, config, *, create: bool, assume_backbone: str | None = None) -> EmbeddingStore:
+    """The embeddings directory for a model of ``config`` (a fitted model's, or fit's own).
+
+    Stored features are a frozen backbone's: a model that trains its backbone changes
+    them, so it cannot use any.
+    """
+    if config.resolved_train_backbone() == "all":
+        raise NcleanerError(
+            f"--embeddings {root}: hold a frozen pretrained backbone's features, but this model trains its "
+            f"backbone ({config.backbone} without --pretrained)"
+        )
+    identity = backbone_identity(config.backbone, config.pretrained, config.embed_dim)
+    return EmbeddingStore.open(root, identity, create=create, assume_backbone=assume_backbone)
+
+
+def _check_identity(path: Path, info: dict, identity: dict) -> None:
+    """Refuse features of another backbone, other weights or another width (one line)."""
+    for key in ("backbone", "dim"):
+        if info.get(key) != identity[key]:
+            raise NcleanerError(
+                f"{path}: embeddings of {info.get('backbone')} (dim {info.get('dim')}), "
+                f"but this run uses {identity['backbone']} (dim {identity['dim']})"
+            )
+    mine, theirs = identity.get("pretrained_sha256"), info.get("pretrained_sha256")
+    same = mine == theirs if (mine or theirs) else info.get("pretrained") == identity.get("pretrained")
+    if not same:
+        theirs_short, mine_short = (theirs or "no hash")[:12], (mine or "no hash")[:12]
+        raise NcleanerError(
+            f"{path}: embeddings of {info.get('backbone')} with weights {info.get('pretrained')} ({theirs_short}), "
+            f"but this run uses {identity.get('pretrained')} ({mine_short})"
+        )
+
+
+def _canonical(x: np.ndarray) -> np.ndarray:
+    """What ``encode.Encoder`` gives for fresh features: L2-normalised, rounded to float16."""
+    norm = np.linalg.norm(x, axis=1, keepdims=True)
+    return (x / np.maximum(norm, 1e-12)).astype(np.float16).astype(np.float32)
+
+
+def _save_npy(tmp: str, array: np.ndarray) -> None:
+    with open(tmp, "wb") as f:
+        np.save(f, array)
+
+
+def _load_npy(path: Path, dim: int) -> np.ndarray:
+    try:
+        array = np.load(path, mmap_mode="r")
+    except (OSError, ValueError) as exc:
+        raise NcleanerError(f"{path}: cannot read embeddings: {first_line(exc)}") from exc
+    if array.ndim != 2 or (len(array) and array.shape[1] != dim):
+        raise NcleanerError(f"{path}: embeddings of shape {array.shape}, expected (rows, {dim})")
+    return array
+
+
+def _read_parquet(path: Path) -> pa.Table:
+    try:
+        return pq.read_table(path)
+    except Exception as exc:
+        raise NcleanerError(f"{path}: cannot read: {first_line(exc)}") from exc
+
+
+def _metadata_table(features: ShardFeatures, rows: np.ndarray) -> pa.Table:
+    pick = np.flatnonzero(rows)
+
+    def column(values):
+        return [values[i] for i in pick]
+
+    metas = [json.dumps(m, ensure_ascii=False, sort_keys=True) if m else None for m in column(features.metas)]
+    return pa.table(
+        [
+            column(features.keys),
+            column(features.captions),
+            column(features.urls),
+            [features.url] * len(pick),
+            column(features.indices),
+            column(features.statuses),
+            metas,
+            column(features.sha1s),
+        ],
+        schema=META_SCHEMA,
+    )
+
+
+@dataclass
+class _EncodedBlock:
+    """A decoded block with its images and tokens replaced by their features."""
+
+    shard_index: int
+    url: str
+    pairs: list
+    f_v: np.ndarray | None
+    f_t: np.ndarray | None
+    last: bool
+    damage: str | None
+    error: str | None
+
+
+def _encoded(blocks, encoder: Encoder, progress) -> Iterator[_EncodedBlock]:
+    for block in blocks:
+        f_v = f_t = None
+        if block.images is not None:
+            v, t = encoder(block.images, block.tokens)
+            f_v, f_t = v.cpu().numpy(), t.cpu().numpy()
+        if progress:
+            progress(len(block.pairs))
+        yield _EncodedBlock(block.shard_index, block.url, block.pairs, f_v, f_t, block.last, block.damage, block.error)
+
+
+def compute_features(
+    urls: list[str],
+    encoder: Encoder,
+    *,
+    preprocess,
+    tokenizer,
+    batch_size: int,
+    workers: int,
+    max_pixels: int,
+    first_index: Iterable[int] | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> Iterator[ShardFeatures]:
+    """Decode and encode ``urls``; yield each shard's ``ShardFeatures``, in order.
+
+    Blocks are encoded as they arrive (a shard's images are never all in memory);
+    ``first_index`` gives the shards' positions in the caller's list.
+    """
+    indices = list(first_index) if first_index is not None else list(range(len(urls)))
+    blocks = decode_blocks(
+        urls,
+        preprocess,
+        tokenizer,
+        batch_size=batch_size,
+        workers=workers,
+        max_pixels=max_pixels,
+        pin_memory=encoder.device.type == "cuda",
+    )
+    dim = encoder.backbone.embed_dim
+    for group in by_shard(_encoded(blocks, encoder, progress)):
+        last = group[-1]
+        shard = ShardFeatures(indices[last.shard_index], last.url, damage=last.damage, error=last.error)
+        for block in group:
+            for p in block.pairs:
+                shard.add(p.raw.key, p.raw.index, p.caption, p.url, p.status, p.meta, p.image_sha1)
+        vs = [b.f_v for b in group if b.f_v is not None]
+        ts = [b.f_t for b in group if b.f_t is not None]
+        shard.f_v = np.concatenate(vs) if vs else np.zeros((0, dim), np.float32)
+        shard.f_t = np.concatenate(ts) if ts else np.zeros((0, dim), np.float32)
+        if shard.damage:
+            shard.flag_damage()
+        yield shard
+
+
+def shard_features(
+    urls: list[str],
+    names: list[str],
+    encoder: Encoder,
+    *,
+    store: EmbeddingStore | None,
+    preprocess,
+    tokenizer,
+    batch_size: int,
+    workers: int,
+    max_pixels: int,
+    progress: Callable[[int], None] | None = None,
+) -> Iterator[ShardFeatures]:
+    """Every shard's features in order: read from ``store`` where it has the shard's part,
+    computed (and written to ``store``, unless it is another tool's) where it has not."""
+    stored = [store is not None and store.has(n) for n in names]
+    todo = [i for i, s in enumerate(stored) if not s]
+    computed = compute_features(
+        [urls[i] for i in todo],
+        encoder,
+        preprocess=preprocess,
+        tokenizer=tokenizer,
+        batch_size=batch_size,
+        workers=workers,
+        max_pixels=max_pixels,
+        first_index=todo,
+        progress=progress,
+    )
+    for i, (url, name) in enumerate(zip(urls, names, strict=True)):
+        if stored[i]:
+            features = store.read(name, url, i)
+            if progress:
+                progress(len(features))
+            yield features
+            continue
+        features = next(computed)
+        if store is not None and not features.error:
+            store.write(name, features)
+        yield features
+
+
+@dataclass
+class EmbedResult:
+    """What ``embed`` did: pairs embedded, statuses of all samples, shards done now, before, or not at all."""
+
+    out_dir: Path
+    identity: dict
+    statuses: Counter = field(default_factory=Counter)
+    embedded_shards: list[str] = field(default_factory=list)
+    skipped_shards: list[str] = field(default_factory=list)
+    failed_shards: dict[str, str] = field(default_factory=dict)
+    truncated_shards: list[str] = field(default_factory=list)
+
+
+def embed(
+    shards: str | Iterable[str],
+    out_dir: str | Path,
+    *,
+    backbone: str,
+    pretrained: str | None,
+    batch_size: int = 256,
+    device: str = "auto",
+    workers: int | None = None,
+    precision: str = "fp32",
+    on_bad_shard: str = "fail",
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    progress: bool = False,
+    allow_download: bool = False,
+) -> EmbedResult:
+    """Encode every pair of ``shards`` once and write the embeddings directory ``out_dir``.
+
+    Args:
+        shards: SHARDS in any form ``expand_shards`` takes.
+        out_dir: the embeddings directory (layout in this module's docstring). Shards whose
+            part it already holds are skipped, so an interrupted run resumes.
+        backbone: open_clip model name.
+        pretrained: open_clip pretrained tag or local checkpoint file (required: the
+            features of a random backbone are of no use to a later run).
+        batch_size: pairs encoded at a time.
+        device: ``cpu``, ``cuda``, ``cuda:N`` or ``auto``.
+        workers: decoding processes (None: one per core, at most one per shard; 0: in this process).
+        precision: ``fp32``, or ``fp16`` / ``bf16`` autocast on CUDA.
+        on_bad_shard: ``fail`` stops at an unreadable shard; ``skip`` leaves it out (no part is
+            written, so the next run tries it again) and lists it in ``failed_shards``.
+        max_image_pixels: larger images are not decoded (status ``too_large``).
+        progress: one progress bar over the pairs.
+        allow_download: let open_clip download ``backbone`` / ``pretrained``.
+    """
+    if on_bad_shard not in ("fail", "skip"):
+        raise NcleanerError(f"--on-bad-shard {on_bad_shard}: must be fail or skip")
+    if not pretrained:
+        raise NcleanerError("embed needs --pretrained: the features of a randomly initialised backbone mean nothing")
+    urls = expand_shards(shards)
+    names = shard_names(urls)
+    reason = None if allow_download else download_reason(backbone, pretrained)
+    if reason:
+        raise NcleanerError(f"{backbone}: {reason}; nothing is downloaded unless allowed (pass --allow-download)")
+    torch_device = resolve_device(device)
+    model = build_backbone(backbone, pretrained, torch_device)
+    identity = backbone_identity(backbone, pretrained, model.embed_dim)
+    store = EmbeddingStore.open(out_dir, identity, create=True)
+    result = EmbedResult(Path(out_dir), identity)
+    todo = []
+    for url, name in zip(urls, names, strict=True):
+        (result.skipped_shards if store.has(name) else todo).append((url, name))
+    if result.skipped_shards:
+        logger.info("skipped %d shard(s) already embedded", len(result.skipped_shards))
+    encoder = Encoder(model, torch_device, precision=precision, source=f"backbone {backbone} ({pretrained})")
+    bar = tqdm(unit="pair", disable=not progress, dynamic_ncols=True, desc=f"embedding {len(todo)} shard(s)")
+    stream = compute_features(
+        [u for u, _ in todo],
+        encoder,
+        preprocess=model.preprocess,
+        tokenizer=model.tokenizer,
+        batch_size=batch_size,
+        workers=default_workers(len(todo)) if workers is None else workers,
+        max_pixels=max_image_pixels,
+        progress=bar.update,
+    )
+    for features, (url, name) in zip(stream, todo, strict=True):
+        if features.error:
+            if on_bad_shard == "fail":
+                raise UnreadableShard(features.error)
+            logger.warning("skipped %s", features.error)
+            result.failed_shards[url] = features.error
+            continue
+        store.write(name, features)
+        result.statuses.update(features.statuses)
+        result.embedded_shards.append(url)
+        if features.damage:
+            result.truncated_shards.append(url)
+    bar.close()
+    return result

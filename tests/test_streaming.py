@@ -1,0 +1,270 @@
+"""The encode stage, embeddings written once and reused, decode workers, and the fit sample (issue 8)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import pandas as pd
+import pytest
+import torch
+from conftest import run_cli, tar_members, write_tar
+
+import ncleaner.encode
+from ncleaner import DisNCLConfig
+from ncleaner.backbone import build_backbone
+from ncleaner.embeddings import embed
+from ncleaner.encode import encode_text
+from ncleaner.report import score
+from ncleaner.synthetic import write_synthetic_shards
+from ncleaner.train import Reservoir, fit
+
+FROZEN = ["--epochs", "2", "--warmup-epochs", "1", "--batch-size", "32", "--quiet"]
+
+
+def _checkpoint(path: Path, seed: int) -> Path:
+    torch.manual_seed(seed)
+    model = open_clip.create_model("ncleaner-tiny", pretrained=None)
+    torch.save(model.state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """A local checkpoint file standing in for pretrained weights (random, so only the plumbing is real)."""
+    return _checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.pt", seed=1)
+
+
+@pytest.fixture(scope="module")
+def pool(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("pool")
+    write_synthetic_shards(out, n_samples=120, shard_size=40, noise_rate=0.25, seed=3)
+    return out
+
+
+@pytest.fixture(scope="module")
+def embedded(pool, tiny_checkpoint, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("emb") / "emb"
+    run_cli("embed", pool, "--backbone", "ncleaner-tiny", "--pretrained", tiny_checkpoint, "--out", out, "-q")
+    return out
+
+
+def _fit_frozen(shards, out, checkpoint, *extra):
+    run_cli("fit", shards, "--out", out, "--set", f"pretrained={checkpoint}", *FROZEN, *extra)
+    return out
+
+
+def test_embed_writes_clip_retrieval_layout(embedded, pool):
+    info = json.loads((embedded / "embeddings.json").read_text())
+    assert info["backbone"] == "ncleaner-tiny" and info["dim"] == 128 and info["dtype"] == "float16"
+    assert len(info["pretrained_sha256"]) == 64 and info["normalized"] is True
+    names = sorted(p.stem for p in pool.glob("*.tar"))
+    for name in names:
+        img = np.load(embedded / "img_emb" / f"img_emb_{name}.npy")
+        txt = np.load(embedded / "text_emb" / f"text_emb_{name}.npy")
+        meta = pd.read_parquet(embedded / "metadata" / f"metadata_{name}.parquet")
+        assert img.dtype == np.float16 and img.shape == txt.shape == (len(meta), 128)
+        np.testing.assert_allclose(np.linalg.norm(img.astype(np.float32), axis=1), 1, atol=2e-3)
+        # Row i of the metadata is row i of both arrays, and names the sample it came from.
+        members = tar_members(pool / f"{name}.tar")
+        assert [members[f"{k}.txt"].decode() for k in meta["image_path"]] == list(meta["caption"])
+        assert set(meta["status"]) == {"ok"} and set(meta["shard"]) == {str(pool / f"{name}.tar")}
+
+
+def test_embed_lists_undecodable_samples_in_skipped(messy_shard, tiny_checkpoint, tmp_path):
+    out = tmp_path / "emb"
+    result = run_cli(
+        "embed", messy_shard, "--backbone", "ncleaner-tiny", "--pretrained", tiny_checkpoint, "--out", out, "-q"
+    )
+    assert "4 pairs embedded" in result.output
+    meta = pd.read_parquet(out / "metadata" / "metadata_00000.parquet")
+    skipped = pd.read_parquet(out / "skipped" / "skipped_00000.parquet")
+    assert list(meta["image_path"]) == ["a0", "a4", "a5", "a7"]
+    assert dict(zip(skipped["image_path"], skipped["status"], strict=True)) == {
+        "a1": "bad_image",
+        "a2": "missing_caption",
+        "a3": "missing_image",
+        "a6": "bad_json",
+    }
+
+
+def test_embed_resumes_shard_by_shard(embedded, pool, tiny_checkpoint, tmp_path):
+    copy = tmp_path / "emb"
+    shutil.copytree(embedded, copy)
+    (copy / "metadata" / "metadata_00001.parquet").unlink()  # as if killed before this part was complete
+    before = (copy / "img_emb" / "img_emb_00000.npy").stat().st_mtime_ns
+    result = embed(str(pool), copy, backbone="ncleaner-tiny", pretrained=str(tiny_checkpoint), workers=0)
+    assert [Path(u).name for u in result.embedded_shards] == ["00001.tar"]
+    assert len(result.skipped_shards) == 2
+    assert (copy / "img_emb" / "img_emb_00000.npy").stat().st_mtime_ns == before
+    for side in ("img_emb/img_emb_00001.npy", "text_emb/text_emb_00001.npy"):
+        np.testing.assert_array_equal(np.load(copy / side), np.load(embedded / side))
+
+
+def _count_encoded(monkeypatch) -> list[int]:
+    counted: list[int] = []
+    real = ncleaner.encode.Encoder.__call__
+
+    def counting(self, images, tokens):
+        counted.append(len(images))
+        return real(self, images, tokens)
+
+    monkeypatch.setattr(ncleaner.encode.Encoder, "__call__", counting)
+    return counted
+
+
+def test_fit_then_score_with_embeddings_encode_each_pair_once_and_match(pool, tiny_checkpoint, tmp_path, monkeypatch):
+    plain_model = _fit_frozen(pool, tmp_path / "plain", tiny_checkpoint)
+    run_cli("score", pool, "--model", plain_model, "--out", tmp_path / "plain_report", "-q")
+
+    counted = _count_encoded(monkeypatch)
+    emb = tmp_path / "emb"
+    emb_model = _fit_frozen(pool, tmp_path / "emb_model", tiny_checkpoint, "--embeddings", emb)
+    assert sum(counted) == 120  # fit encoded the pool once and wrote it to --embeddings
+    run_cli("score", pool, "--model", emb_model, "--out", tmp_path / "emb_report", "--embeddings", emb, "-q")
+    assert sum(counted) == 120  # score encoded nothing again
+
+    plain = pd.read_parquet(tmp_path / "plain_report")
+    from_emb = pd.read_parquet(tmp_path / "emb_report")
+    assert list(plain["key"]) == list(from_emb["key"]) and (from_emb["status"] == "ok").all()
+    for column in ("clip_sim", "mii_sim", "soft_agreement", "score", "clean_prob"):
+        # Fresh features are rounded to float16 as stored ones are: the same numbers, the same model.
+        np.testing.assert_allclose(from_emb[column], plain[column], atol=1e-6, err_msg=column)
+
+
+def test_score_with_embeddings_flags_changed_and_missing_samples(embedded, pool, tiny_checkpoint, tmp_path):
+    model = _fit_frozen(pool, tmp_path / "model", tiny_checkpoint, "--embeddings", embedded)
+    shards = tmp_path / "shards"
+    shutil.copytree(pool, shards)
+    members = tar_members(shards / "00000.tar")
+    first = sorted({name.split(".")[0] for name in members})[0]
+    members[f"{first}.txt"] = b"a caption written after the embeddings were"
+    write_tar(shards / "00000.tar", sorted(members.items()))
+    emb = tmp_path / "emb"
+    shutil.copytree(embedded, emb)
+    for sub, name in (("img_emb", "img_emb"), ("text_emb", "text_emb"), ("metadata", "metadata")):
+        suffix = "parquet" if sub == "metadata" else "npy"
+        (emb / sub / f"{name}_00002.{suffix}").unlink()  # this shard is not embedded yet
+
+    result = score(str(shards), model, tmp_path / "report", embeddings=emb, workers=0)
+    report = pd.read_parquet(tmp_path / "report")
+    changed = report[report["key"] == first]
+    assert list(changed["status"]) == ["missing_embedding"] and changed["score"].isna().all()
+    assert result.statuses["ok"] == 119
+    # The shard EMB lacked was encoded, scored, and added to EMB for the next run.
+    assert (emb / "metadata" / "metadata_00002.parquet").is_file()
+
+
+def test_embeddings_of_another_backbone_are_refused(embedded, pool, tmp_path):
+    other = _checkpoint(tmp_path / "other.pt", seed=2)
+    model = _fit_frozen(pool, tmp_path / "model", other)
+    result = run_cli("score", pool, "--model", model, "--out", tmp_path / "r", "--embeddings", embedded, ok=False)
+    assert result.exit_code == 1
+    assert "embeddings.json: embeddings of ncleaner-tiny with weights tiny.pt" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
+def test_trained_backbone_model_refuses_embeddings(embedded, pool, small_model, tmp_path):
+    result = run_cli("score", pool, "--model", small_model, "--out", tmp_path / "r", "--embeddings", embedded, ok=False)
+    assert result.exit_code == 1 and "trains its backbone" in result.output
+
+
+def test_clip_retrieval_directory_is_read_with_named_backbone(embedded, pool, tiny_checkpoint, tmp_path):
+    """clip-retrieval's own output: no embeddings.json, no skipped/, parts that do not follow shards."""
+    model = _fit_frozen(pool, tmp_path / "model", tiny_checkpoint)
+    foreign = tmp_path / "foreign"
+    for sub in ("img_emb", "text_emb", "metadata"):
+        (foreign / sub).mkdir(parents=True)
+    names = ["00000", "00001", "00002"]
+    img = np.concatenate([np.load(embedded / "img_emb" / f"img_emb_{n}.npy") for n in names])
+    txt = np.concatenate([np.load(embedded / "text_emb" / f"text_emb_{n}.npy") for n in names])
+    meta = pd.concat([pd.read_parquet(embedded / "metadata" / f"metadata_{n}.parquet") for n in names])
+    meta = meta[["image_path", "caption"]].reset_index(drop=True)
+    # Two parts that cut across shards, rows in another order than the shards'.
+    order = np.random.default_rng(0).permutation(len(meta))
+    for part, rows in enumerate(np.array_split(order, 2)):
+        np.save(foreign / "img_emb" / f"img_emb_{part}.npy", img[rows])
+        np.save(foreign / "text_emb" / f"text_emb_{part}.npy", txt[rows])
+        meta.iloc[rows].to_parquet(foreign / "metadata" / f"metadata_{part}.parquet")
+
+    refused = run_cli("score", pool, "--model", model, "--out", tmp_path / "r0", "--embeddings", foreign, ok=False)
+    assert refused.exit_code == 1 and "--embeddings-backbone" in refused.output
+    run_cli("score", pool, "--model", model, "--out", tmp_path / "r1", "-q")
+    run_cli(
+        "score", pool, "--model", model, "--out", tmp_path / "r2", "--embeddings", foreign,
+        "--embeddings-backbone", "ncleaner-tiny", "-q",
+    )  # fmt: skip
+    fresh, read = pd.read_parquet(tmp_path / "r1"), pd.read_parquet(tmp_path / "r2")
+    np.testing.assert_allclose(read["score"], fresh["score"], atol=1e-4)
+    assert list(read["key"]) == list(fresh["key"])
+
+
+def test_report_does_not_depend_on_decode_workers(small_shards, small_model, tmp_path):
+    for workers in (0, 1, 2):
+        run_cli("score", small_shards, "--model", small_model, "--out", tmp_path / f"w{workers}", "--workers",
+                workers, "--batch-size", "16", "-q")  # fmt: skip
+    for part in sorted((tmp_path / "w0").glob("*.parquet")):
+        data = part.read_bytes()
+        assert (tmp_path / "w1" / part.name).read_bytes() == data
+        assert (tmp_path / "w2" / part.name).read_bytes() == data
+
+
+def test_unreadable_shard_in_a_worker_is_one_line_or_skipped(small_shards, small_model, tmp_path):
+    shards = tmp_path / "shards"
+    shutil.copytree(small_shards, shards)
+    (shards / "00001.tar").write_bytes(b"not a tar at all" * 100)
+    failed = run_cli("score", shards, "--model", small_model, "--out", tmp_path / "r", "--workers", "2", ok=False)
+    assert failed.exit_code == 1 and "00001.tar: cannot read shard" in failed.output
+    assert "Traceback" not in failed.output
+    skipped = run_cli("score", shards, "--model", small_model, "--out", tmp_path / "r", "--workers", "2",
+                      "--on-bad-shard", "skip", "-q")  # fmt: skip
+    assert "1 unreadable shard(s) skipped" in skipped.output
+    assert sorted(p.name for p in (tmp_path / "r").glob("*.parquet")) == ["00000.parquet", "00002.parquet"]
+
+
+def test_fit_trains_on_a_uniform_sample_of_max_fit_pairs(pool, tiny_checkpoint, tmp_path):
+    result = fit(
+        str(pool),
+        tmp_path / "model",
+        DisNCLConfig(pretrained=str(tiny_checkpoint), epochs=1, warmup_epochs=0, batch_size=16, max_fit_pairs=50),
+        workers=0,
+    )
+    assert result.pairs_used == 50 and result.statuses["ok"] == 120
+    config = json.loads((tmp_path / "model" / "config.json").read_text())
+    assert config["max_fit_pairs"] == 50
+
+
+def test_reservoir_sample_is_uniform_and_seeded():
+    counts = np.zeros(100)
+    for seed in range(400):
+        reservoir = Reservoir(10, seed)
+        for start in range(0, 100, 7):  # batches of uneven size, as shards give them
+            rows = torch.arange(start, min(start + 7, 100))
+            reservoir.add(rows, rows * 2)
+        values, doubled = reservoir.sample()
+        assert len(values) == 10 and len(set(values.tolist())) == 10 and torch.equal(doubled, values * 2)
+        counts[values.numpy()] += 1
+    # Each row is kept with probability 1/10: 40 of 400 runs, binomial sd 6.
+    assert counts.min() > 15 and counts.max() < 65
+    assert abs(counts[:50].sum() - counts[50:].sum()) < 200  # early and late rows alike
+    again = Reservoir(10, 3)
+    again.add(torch.arange(100))
+    other = Reservoir(10, 3)
+    other.add(torch.arange(100))
+    assert torch.equal(again.sample()[0], other.sample()[0])
+
+
+@pytest.mark.parametrize("name", ["ncleaner-tiny", "ViT-B-32"])
+def test_text_tower_cut_to_the_longest_caption_gives_the_same_features(name):
+    backbone = build_backbone(name, None)
+    backbone.model.eval()
+    captions = ["a red square", "two small green circles on a grey background", "x"]
+    tokens = backbone.tokenizer(captions)
+    assert (tokens[:, 20:] == 0).all()  # the padding the cut removes
+    with torch.no_grad():
+        full = backbone.model.encode_text(tokens)
+        cut = encode_text(backbone.model, tokens)
+    torch.testing.assert_close(cut, full, atol=1e-5, rtol=1e-4)
