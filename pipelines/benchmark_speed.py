@@ -13,11 +13,12 @@ largest process (os.wait4's ru_maxrss) and the peak PSS of its whole process tre
 
 Rows (issue 8): 1) score and embed against the bare loop (pairs/s ratio); 2) fit --embeddings then
 score --embeddings against fit then score (total time ratio); 3) scoring from embeddings alone
-(pairs/s); 4) fit and score time and peak memory at each --scales multiple of the pool, with
---scale-backbone (the tiny one by default, so that 16x stays within minutes on 2 cores) and
---max-fit-pairs = the 1x pool; 5) filter against shutil.copyfile of the same shards. A row whose
-command or option the installed ncleaner lacks is marked "not available in this version". The
-results, with the command, the machine and the date, and an extrapolation to 100 M pairs on one
+(pairs/s) on the largest pool, from row 2's embeddings replicated as its shards were; 4) fit and
+score time and peak memory at each --scales multiple of the pool, with --scale-backbone (the tiny
+one by default, so that 16x stays within minutes on 2 cores); every fit gets --max-fit-pairs = the
+1x pool; 5) filter against shutil.copyfile of the same shards. A row whose command or option the
+installed ncleaner lacks is marked "not available in this version". The results, with the command,
+the machine and the date, and an extrapolation to 100 M pairs on one
 8-GPU machine, go to --out (markdown) and the same name with .json.
 """
 
@@ -46,7 +47,8 @@ import ncleaner  # light: the package imports its modules on first use
 HERE = Path(__file__).resolve().parent
 BARE = HERE / "bare_clip_score.py"
 TINY = "ncleaner-tiny"
-MODEL_CONFIGS = Path(ncleaner.__file__).parent / "model_configs"
+PACKAGE = Path(ncleaner.__file__).resolve().parent  # the ncleaner measured: every step imports this one
+MODEL_CONFIGS = PACKAGE / "model_configs"
 NOT_AVAILABLE = "not available in this version"
 OPTIONS = {  # what each row needs beyond fit / score / filter, as (command, option or None for the command)
     "embed": ("embed", None),
@@ -98,7 +100,8 @@ def main() -> None:
     scales = sorted({int(s) for s in args.scales.split(",")})
     if scales[0] != 1:
         parser.error("--scales must include 1 (the pool the other rows use)")
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="ncleaner-speed-"))
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="ncleaner-speed-")).resolve()
+    args.cache_dir = str(Path(args.cache_dir).resolve())
     work.mkdir(parents=True, exist_ok=True)
     bench = Bench(args, work)
     bench.run_all(scales)
@@ -135,6 +138,7 @@ class Bench:
     def __init__(self, args, work: Path):
         self.args, self.work = args, work
         self.env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+        self.env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PACKAGE.parent), os.environ.get("PYTHONPATH")) if p)
         self.available = {name: self._has(cmd, opt) for name, (cmd, opt) in OPTIONS.items()}
         self.runs: dict[str, Run] = {}
         self.rows: list[dict] = []
@@ -146,9 +150,8 @@ class Bench:
     # ---- measurement -------------------------------------------------------------------------
 
     def _has(self, command: str, option: str | None) -> bool:
-        done = subprocess.run(
-            [sys.executable, "-m", "ncleaner", command, "--help"], env=self.env, capture_output=True, text=True
-        )
+        help_command = [sys.executable, "-m", "ncleaner", command, "--help"]
+        done = subprocess.run(help_command, env=self.env, cwd=self.work, capture_output=True, text=True)
         if done.returncode != 0:
             return False
         return option is None or re.search(rf"(^|[\s,]){re.escape(option)}\b", done.stdout) is not None
@@ -159,7 +162,7 @@ class Bench:
         log.parent.mkdir(exist_ok=True)
         with open(log, "wb") as out:
             start = time.perf_counter()
-            proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=self.env)
+            proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=self.env, cwd=self.work)
             sampler = PssSampler(proc.pid)
             sampler.start()
             _, status, usage = os.wait4(proc.pid, 0)
@@ -197,7 +200,7 @@ class Bench:
         """Run HELPERS[name] in a new process: this one stays small (no torch), because a child's ru_maxrss
         starts from its parent's peak RSS at fork (Linux keeps it across exec)."""
         command = [sys.executable, str(Path(__file__).resolve()), "--helper", name, json.dumps(helper_args)]
-        done = subprocess.run(command, env=self.env, capture_output=True, text=True)
+        done = subprocess.run(command, env=self.env, cwd=self.work, capture_output=True, text=True)
         if done.returncode != 0:
             raise StepFailed(f"helper {name} exited {done.returncode}: {done.stderr.strip()[-500:]}")
         return json.loads(done.stdout.strip().splitlines()[-1])
@@ -235,6 +238,8 @@ class Bench:
     def fit_args(self, backbone: str) -> list[str]:
         a = self.args
         extra = ["--epochs", a.epochs] if a.epochs else []
+        if not self.missing("fit --max-fit-pairs"):  # the 1x pool: every fit samples at most that many pairs
+            extra += ["--max-fit-pairs", a.pairs]
         return ["--set", f"backbone={backbone}", "--set", f"pretrained={self.checkpoint(backbone)}", *extra, "-q"]
 
     def workers(self, option: str) -> list[str]:
@@ -245,6 +250,8 @@ class Bench:
 
     def run_all(self, scales: list[int]) -> None:
         a = self.args
+        for old in ["models", "reports", "filtered", "rejected", "copy", "logs", *self.work.glob("emb_*")]:
+            shutil.rmtree(self.work / old, ignore_errors=True)  # outputs of an earlier run in --workdir: redo all
         self.prepare()
         pool, pairs = self.pool(1)
         self.facts = self.describe_inputs(pool, pairs)
@@ -253,7 +260,7 @@ class Bench:
         self.guard("1a", self.row_score_vs_bare, pool, pairs)
         self.guard("1b", self.row_embed_vs_bare, pool, pairs)
         self.guard("2", self.row_embeddings_reuse, pool, pairs)
-        self.guard("3", self.row_score_from_embeddings, pool, pairs)
+        self.guard("3", self.row_score_from_embeddings, scales)
         self.guard("4", self.rows_scale, scales)
         self.guard("5", self.row_filter_vs_copy)
 
@@ -293,8 +300,6 @@ class Bench:
         if f"fit_{tag}" in self.runs:
             return self.runs[f"fit_{tag}"]
         cli = ["fit", pool, "--out", self.work / "models" / tag, *self.fit_args(backbone), "--force"]
-        if tag.startswith("scale") and not self.missing("fit --max-fit-pairs"):
-            cli += ["--max-fit-pairs", self.args.pairs]
         return self.ncleaner(f"fit_{tag}", pairs, *cli, *self.workers("fit --workers"))
 
     def scored(self, pool: Path, pairs: int, tag: str) -> Run:
@@ -340,17 +345,37 @@ class Bench:
         measured = f"{fit.wall_s:.1f} + {score.wall_s:.1f} s vs {fit_e.wall_s:.1f} + {score_e.wall_s:.1f} s"
         self.add("2", what, plain / reuse, "x", goal, measured=measured)
 
-    def row_score_from_embeddings(self, pool: Path, pairs: int) -> None:
-        what, goal = "`score --embeddings` on complete embeddings (heads, bank, calibration, Parquet)", "report"
+    def row_score_from_embeddings(self, scales: list[int]) -> None:
+        """score --embeddings on the largest pool, from row 2's embeddings replicated as the pool's shards are."""
+        scale = scales[-1]
+        pool, pairs = self.pool(scale)
+        what = f"`score --embeddings` at {scale}x ({pairs} pairs) from complete embeddings "
+        what += "(heads, bank, calibration, Parquet; no decode, no encode)"
         missing = self.missing("fit --embeddings", "score --embeddings")
         if missing:
-            return self.add("3", what, NOT_AVAILABLE, "", goal, needs=missing)
+            return self.add("3", what, NOT_AVAILABLE, "", "report", needs=missing)
         if "score_embeddings" not in self.runs:
-            raise StepFailed("row 2 did not produce score_embeddings")
-        run = self.runs["score_embeddings"]
-        measured = f"{pairs} pairs in {run.wall_s:.1f} s wall, {run.cpu_s:.1f} CPU s (process start and imports "
-        measured += f"included; {net(run, self.runs.get('import_score')):.1f} CPU s without them)"
-        self.add("3", what, run.pairs_per_s, "pairs/s", goal, measured=measured)
+            raise StepFailed("row 2 did not produce the embeddings and model this row scores with")
+        emb = self.work / f"emb_{scale}x"
+        shards = len(tar_list(self.pool(1)[0]))
+        self.helper("replicate_embeddings", str(self.work / "emb_reuse"), str(emb), str(pool), shards, scale)
+        cli = ["score", pool, "--model", self.work / "models" / "emb", "--embeddings", emb]
+        cli += ["--out", self.work / "reports" / f"emb_{scale}x", "--batch-size", self.args.batch_size, "-q"]
+        run = self.ncleaner(f"score_embeddings_{scale}x", pairs, *cli, *self.workers("score --workers"))
+        if "missing_embedding" in run.tail:  # the replicated parts were not matched: this was not scoring alone
+            raise StepFailed(f"score did not find the replicated embeddings: {run.tail}")
+        cpu = net(run, self.runs.get("import_score"))
+        measured = f"{run.wall_s:.1f} s wall, {run.cpu_s:.1f} CPU s with process start and imports, "
+        measured += f"{cpu:.1f} CPU s without ({pairs / cpu if cpu else float('inf'):,.0f} pairs a CPU second)"
+        self.add(
+            "3",
+            what,
+            run.pairs_per_s,
+            "pairs/s",
+            "report",
+            measured=measured,
+            pairs_per_cpu_s_net=pairs / cpu if cpu else None,
+        )
 
     def rows_scale(self, scales: list[int]) -> None:
         a = self.args
@@ -362,7 +387,7 @@ class Bench:
             score = self.scored(pool, pairs, tag)
             self.scale_rows.append({"scale": scale, "pairs": pairs, "fit": asdict(fit), "score": asdict(score)})
             for step, run in (("fit", fit), ("score", score)):
-                what = f"`{step}` at {scale}x ({pairs} pairs, {a.scale_backbone}{sample})"
+                what = f"`{step}` at {scale}x ({pairs} pairs, {a.scale_backbone}{sample if step == 'fit' else ''})"
                 measured = f"{run.pairs_per_s:.1f} pairs/s, max RSS {run.max_rss_mb:.0f} MB, "
                 measured += f"tree PSS {run.tree_pss_mb:.0f} MB"
                 memory = {"peak_rss_mb": run.max_rss_mb, "tree_pss_mb": run.tree_pss_mb}
@@ -382,8 +407,9 @@ class Bench:
         script = "import shutil, sys\nfor s in sys.argv[2:]: shutil.copyfile(s, sys.argv[1] + '/' + s.split('/')[-1])"
         copy = self.measure("copy", [sys.executable, "-c", script, str(copy_dir), *shards], pairs)
         cli = ["filter", pool, "--report", self.work / "reports" / tag, "--out", self.work / "filtered", "--auto"]
-        filt = self.ncleaner("filter", pairs, *cli, "--force", "-q")
-        what = f"`filter --auto` pairs/s ÷ `shutil.copyfile` pairs/s ({pairs} pairs, {mb:.0f} MB)"
+        filt = self.ncleaner("filter", pairs, *cli, "--rejected-out", self.work / "rejected", "--force", "-q")
+        what = "`filter --auto --rejected-out` (every pair written) pairs/s ÷ `shutil.copyfile` pairs/s "
+        what += f"({pairs} pairs, {mb:.0f} MB)"
         measured = f"{filt.wall_s:.2f} s ({mb / filt.wall_s:.0f} MB/s) vs {copy.wall_s:.2f} s "
         measured += f"({mb / copy.wall_s:.0f} MB/s), each a new process; filter's CPU s without its imports: "
         measured += f"{net(filt, self.runs.get('import_filter')):.2f}"
@@ -463,8 +489,10 @@ class Bench:
         cpu_rate = ASSUMED_HOST_CORES / decode_cpu  # pairs/s the host's cores decode
         rate = min(machine_gpu_rate, cpu_rate)
         heads_cpu = None
-        if "score_embeddings" in runs and "import_score" in runs:
-            heads_cpu = net(runs["score_embeddings"], runs["import_score"]) / pairs
+        from_embeddings = [r for name, r in runs.items() if name.startswith("score_embeddings")]
+        if from_embeddings and "import_score" in runs:  # the largest of them: imports weigh least there
+            run = max(from_embeddings, key=lambda r: r.pairs)
+            heads_cpu = net(run, runs["import_score"]) / run.pairs
         dim = facts["backbone"]["embed_dim"]
         return {
             "decode_cpu_s_per_pair": decode_cpu,
@@ -616,7 +644,40 @@ def prepare(spec: dict) -> dict:
     return {"checkpoints": checkpoints, "backbone": facts, "versions": versions()}
 
 
-HELPERS = {"prepare": prepare}
+def replicate_embeddings(source: str, target: str, pool: str, shards: int, scale: int) -> int:
+    """Row 2's embeddings (one part per shard of the 1x pool) as the parts of the ``scale`` x pool.
+
+    Parts are named after their shard and their rows joined on the sample key, so each copy gets
+    its shard's name and the keys replicate_shard gave it; the arrays are copied as they are.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    src, dst = Path(source), Path(target)
+    for sub in ("img_emb", "text_emb", "metadata", "skipped"):
+        (dst / sub).mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(src / "embeddings.json", dst / "embeddings.json")
+    for j in range(scale * shards):
+        old, new = f"{j % shards:05d}", f"{j:05d}"
+        for sub in ("img_emb", "text_emb"):
+            shutil.copyfile(src / sub / f"{sub}_{old}.npy", dst / sub / f"{sub}_{new}.npy")
+        for sub in ("skipped", "metadata"):  # metadata last: it marks a part complete
+            path = src / sub / f"{sub}_{old}.parquet"
+            if not path.exists():
+                continue
+            table = pq.read_table(path)
+            for column, values in (
+                ("image_path", [new + k[5:] for k in table.column("image_path").to_pylist()]),
+                ("shard", [str(Path(pool) / f"{new}.tar")] * table.num_rows),
+            ):
+                if column in table.column_names:
+                    i = table.column_names.index(column)
+                    table = table.set_column(i, table.schema.field(i), pa.array(values, table.schema.field(i).type))
+            pq.write_table(table, dst / sub / f"{sub}_{new}.parquet")
+    return scale * shards
+
+
+HELPERS = {"prepare": prepare, "replicate_embeddings": replicate_embeddings}
 
 
 def scale_summary(scale_rows: list[dict], fit_sample: int) -> dict:
@@ -656,8 +717,10 @@ def machine_info() -> dict:
 
 
 def git_commit() -> str:
-    done = subprocess.run(["git", "-C", str(HERE), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    dirty = subprocess.run(["git", "-C", str(HERE), "status", "--porcelain", "--", "ncleaner"], capture_output=True)
+    """The commit of the measured ncleaner's checkout, +dirty when its package has uncommitted changes."""
+    git = ["git", "-C", str(PACKAGE)]
+    done = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    dirty = subprocess.run([*git, "status", "--porcelain", "--", "."], capture_output=True)
     return done.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
