@@ -39,7 +39,7 @@ from .config import DEFAULT_MAX_IMAGE_PIXELS
 from .errors import NcleanerError, UnreadableShard, first_line
 from .filtering import KEPT, is_kept, load_shard_reports, make_rule, route
 from .schema import SCORE_COLUMNS, STATUSES, Rule
-from .shards import expand_shards, read_shard
+from .shards import RawSample, expand_shards, read_shard
 from .writer import atomic_write
 
 logger = logging.getLogger(__name__)
@@ -320,7 +320,7 @@ def _thumbnails(pool: pd.DataFrame, rows: list[int], px: int) -> dict[int, tuple
                             f"{url}: sample {raw.index} ({raw.key}) does not match its report row; the shard "
                             "changed since it was scored (run ncleaner score --overwrite)"
                         )
-                    uri = _thumbnail(raw.members, pool["status"].iat[i], px)
+                    uri = _thumbnail(raw, pool["status"].iat[i], px)
                     if uri is not None:
                         thumbs[i] = (f"t{len(thumbs)}", uri)
                 if raw.index >= last:
@@ -330,14 +330,14 @@ def _thumbnails(pool: pd.DataFrame, rows: list[int], px: int) -> dict[int, tuple
     return thumbs
 
 
-def _thumbnail(members: dict[str, bytes], status: str, px: int) -> str | None:
+def _thumbnail(raw: RawSample, status: str, px: int) -> str | None:
     """A JPEG data URI of the sample's image (the member ``score`` decodes), or None when there is none
     or it cannot be decoded safely."""
-    from .decode import IMAGE_EXTENSIONS, _member
+    from .decode import image_member
 
     if status == schema.TOO_LARGE:
         return None  # a decompression bomb is not decoded here either
-    data = next((d for ext in IMAGE_EXTENSIONS if (d := _member(members, ext)) is not None), None)
+    data = image_member(raw)
     if data is None:
         return None
     try:
