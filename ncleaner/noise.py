@@ -125,7 +125,9 @@ def plan_noise(
             new[i], kinds[i] = captions[perm[i]], "permute"
         return new, kinds, {}
     chosen = rng.choice(n, size=int(round(rate * n)), replace=False)
-    dealt = np.array([NOISE_KINDS[i % len(NOISE_KINDS)] if mode == "mix" else mode for i in range(len(chosen))])
+    dealt = np.array(
+        [NOISE_KINDS[i % len(NOISE_KINDS)] if mode == "mix" else mode for i in range(len(chosen))], dtype=object
+    )
     share = {kind: chosen[dealt == kind] for kind in NOISE_KINDS}
     not_changed: Counter[str] = Counter()
 

@@ -144,8 +144,14 @@ OBJECT_CATEGORIES: dict[str, tuple[tuple[tuple[str, str], ...], ...]] = {
 }
 
 # Position words swapped with their opposite ("to the left of" -> "to the right of").
-POSITION_SWAPS = {"left": "right", "right": "left", "above": "below", "below": "above", "top": "bottom"}
-POSITION_SWAPS["bottom"] = "top"
+POSITION_SWAPS = {
+    "left": "right",
+    "right": "left",
+    "above": "below",
+    "below": "above",
+    "top": "bottom",
+    "bottom": "top",
+}
 
 # Alt-text that describes nothing: what crawled pools are full of. Half of the boilerplate
 # captions are phrases, half camera and CMS file names with seeded numbers.
