@@ -655,15 +655,20 @@ def inspect_cmd(shards, report_dir, out, threshold, keep_fraction, auto, column,
 @click.argument("shards", nargs=-1, required=True)
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Directory for noisy shards.")
 @click.option(
-    "--rate", type=click.FloatRange(0, 1), required=True, help="Fraction of pairs whose captions are permuted."
+    "--rate",
+    type=click.FloatRange(0, 1),
+    required=True,
+    help="Fraction of captioned pairs whose caption is made noisy.",
 )
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the choice and the permutation.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of every random choice.")
 @click.option(
     "--mode",
-    type=click.Choice(["permute"]),
+    type=click.Choice(["permute", "hard", "partial", "boilerplate", "mix"]),
     default="permute",
     show_default=True,
-    help="permute: captions of the chosen pairs are shuffled among themselves (NCR, NeurIPS 2021).",
+    help="permute: the chosen captions are shuffled among themselves (NCR, NeurIPS 2021). hard: each takes the most "
+    "similar caption that states other facts (a near miss). partial: one colour, count, object or position word is "
+    "changed. boilerplate: alt-text that describes nothing. mix: equal shares of the four.",
 )
 @click.option(
     "--force",
@@ -672,17 +677,24 @@ def inspect_cmd(shards, report_dir, out, threshold, keep_fraction, auto, column,
 )
 @user_errors
 def inject_noise_cmd(shards, out_dir, rate, seed, mode, force):
-    """Copy SHARDS with a known fraction of captions permuted, recording the truth in each json.
+    """Copy SHARDS with a known fraction of captions made noisy, recording the truth in each json.
 
-    Each json gets ncleaner_noisy (and ncleaner_original_caption when noisy); --out/noise_truth.parquet
-    holds the same truth for `ncleaner evaluate --truth`. Every other member is copied byte for byte.
+    Each json gets ncleaner_noisy (and ncleaner_original_caption and ncleaner_noise_kind when noisy);
+    --out/noise_truth.parquet holds the same truth for `ncleaner evaluate --truth`. Every other member is
+    copied byte for byte. A chosen caption a mode cannot change (partial: no word it knows) stays clean
+    and is counted.
     """
-    from .noise import inject_noise
+    from .noise import NOT_CHANGED_REASONS, inject_noise
 
     result = inject_noise(shards, out_dir, rate=rate, seed=seed, mode=mode, force=force)
+    if mode == "permute":
+        made = "permuted"
+    else:
+        made = "made noisy (" + ", ".join(f"{k} {v}" for k, v in result.kinds.items()) + ")"
+    left = "".join(f"; {v} chosen for {k} left clean ({NOT_CHANGED_REASONS[k]})" for k, v in result.not_changed.items())
     click.echo(
         f"wrote {result.samples} pairs to {len(result.shards)} shard(s) in {result.out_dir}: "
-        f"{result.noisy} of {result.with_caption} captions permuted; truth in {result.truth_file}"
+        f"{result.noisy} of {result.with_caption} captions {made}{left}; truth in {result.truth_file}"
     )
 
 
@@ -699,7 +711,15 @@ def inject_noise_cmd(shards, out_dir, rate, seed, mode, force):
     "truth_file",
     type=click.Path(dir_okay=False),
     default=None,
-    help="Parquet with key and noisy columns (inject-noise writes noise_truth.parquet) instead.",
+    help="Parquet with key and noisy columns (inject-noise writes noise_truth.parquet) instead; "
+    "its kind column, when present, gives the noise kinds.",
+)
+@click.option(
+    "--kind-field",
+    default="ncleaner_noise_kind",
+    show_default=True,
+    help="Report column (kept with score --keep-json-fields) naming each noisy pair's kind: "
+    "AUROC and AP by kind when present.",
 )
 @click.option(
     "--retrieval",
@@ -712,13 +732,16 @@ def inject_noise_cmd(shards, out_dir, rate, seed, mode, force):
 @allow_download_option
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="Also write the numbers here.")
 @user_errors
-def evaluate(report_dir, truth_field, truth_file, retrieval_shards, model_dir, device, allow_download, json_out):
+def evaluate(
+    report_dir, truth_field, truth_file, kind_field, retrieval_shards, model_dir, device, allow_download, json_out
+):
     """Measure noise detection against ground truth, and retrieval on a clean split.
 
     With --report: AUROC and average precision of every score column at finding the noisy pairs, and
     for the automatic rule (clean_prob >= 0.5) the share of clean pairs in the kept set and the share
-    of noise removed. With --retrieval SHARDS --model M: R@1/5/10 both ways, in the MII subspace and
-    in the raw backbone space.
+    of noise removed; when the truth names each noisy pair's kind, AUROC and AP per kind (on the clean
+    pairs plus the noisy pairs of that kind). With --retrieval SHARDS --model M: R@1/5/10 both ways, in
+    the MII subspace and in the raw backbone space.
     """
     from . import evaluate as ev
     from .report import read_report
@@ -730,8 +753,13 @@ def evaluate(report_dir, truth_field, truth_file, retrieval_shards, model_dir, d
     results = {}
     if report_dir is not None:
         report = read_report(report_dir)
-        noisy = ev.truth_from_file(report, truth_file) if truth_file else ev.truth_from_report(report, truth_field)
-        results["detection"] = ev.evaluate_report(report, noisy)
+        if truth_file:
+            noisy = ev.truth_from_file(report, truth_file)
+            kinds, source = ev.noise_kinds_from_file(report, truth_file), f"{truth_file}: column kind"
+        else:
+            noisy = ev.truth_from_report(report, truth_field)
+            kinds, source = ev.noise_kinds_from_report(report, kind_field), f"report column {kind_field!r}"
+        results["detection"] = ev.evaluate_report(report, noisy, kinds, source)
         click.echo(ev.format_detection(results["detection"]))
     if retrieval_shards:
         results["retrieval"] = ev.retrieval_metrics(

@@ -1,9 +1,12 @@
 """Scoring noise detection against known ground truth (docs/design.md section 9).
 
 Ground truth comes from a json field kept in the report (``score
---keep-json-fields ncleaner_noisy``): true for a pair whose caption was
-permuted. Metrics treat "noisy" as the positive class and rank by how low a
-score column is, so higher AUROC / AP = better detection.
+--keep-json-fields ncleaner_noisy``) or from ``inject-noise``'s
+``noise_truth.parquet``: true for a pair whose caption was made noisy. Metrics
+treat "noisy" as the positive class and rank by how low a score column is, so
+higher AUROC / AP = better detection. When the truth also names each noisy
+pair's kind (``ncleaner_noise_kind``, the ``kind`` column), the metrics are
+broken down by kind.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from .config import DEFAULT_MAX_IMAGE_PIXELS
 from .embeddings import compute_features
 from .errors import NcleanerError, UnreadableShard, first_line
 from .model import NcleanerModel
+from .noise import NOISE_KINDS
 from .schema import AUTO_RULE, SCORE_COLUMNS
 from .shards import expand_shards
 
@@ -55,6 +59,68 @@ def detection_metrics(report: pd.DataFrame, noisy: np.ndarray) -> dict[str, dict
     return out
 
 
+def detection_by_kind(
+    report: pd.DataFrame, noisy: np.ndarray, kinds: np.ndarray, source: str = "noise kinds"
+) -> dict[str, dict]:
+    """``detection_metrics`` per noise kind: each on the clean pairs plus the noisy pairs of that kind.
+
+    ``kinds`` holds each row's kind (None for a clean row). Only ok rows count,
+    and a kind none of whose pairs was scored is left out. AP depends on the
+    share of positives, which differs between kinds; AUROC does not. ``source``
+    names where the kinds came from, for errors.
+    """
+    kinds = np.asarray(kinds, dtype=object)
+    if len(kinds) != len(report) or len(noisy) != len(report):
+        raise NcleanerError(f"{source}: {len(kinds)} kinds and {len(noisy)} noisy flags for {len(report)} report rows")
+    disagree = np.array([bool(noisy[i]) != _has_kind(k) for i, k in enumerate(kinds)], dtype=bool)
+    if disagree.any():
+        key = report["key"].iloc[int(disagree.argmax())]
+        raise NcleanerError(
+            f"{source}: {int(disagree.sum())} rows disagree with the noisy flags (e.g. key {key}):"
+            " a noisy row needs a kind, a clean row none"
+        )
+    ok = (report["status"] == schema.OK).to_numpy()
+    present = set(kinds[noisy])
+    out = {}
+    # The modes' kinds in their documented order, then any other kind a user's truth names.
+    for kind in [k for k in NOISE_KINDS if k in present] + sorted(present - set(NOISE_KINDS)):
+        rows = ~noisy | (kinds == kind)
+        scored = int((ok & noisy & rows).sum())
+        if scored:
+            out[kind] = {"noisy": scored, "columns": detection_metrics(report[rows], noisy[rows])}
+    return out
+
+
+def _has_kind(kind) -> bool:
+    return isinstance(kind, str) and bool(kind)
+
+
+def noise_kinds_from_report(report: pd.DataFrame, field: str = "ncleaner_noise_kind") -> np.ndarray | None:
+    """Per-row noise kinds from a kept json field (None for clean rows), or None if no row has one."""
+    if field not in report.columns:
+        return None
+    kinds = np.array([v if _has_kind(v) else None for v in report[field]], dtype=object)
+    return kinds if any(k is not None for k in kinds) else None
+
+
+def noise_kinds_from_file(report: pd.DataFrame, path: str | Path) -> np.ndarray | None:
+    """Per-row noise kinds from the ``kind`` column of a truth Parquet, or None if no row has one
+    (truth files written before the realistic noise modes have no such column)."""
+    try:
+        import pyarrow.parquet as pq
+
+        if "kind" not in pq.read_schema(path).names:
+            return None
+        truth = pd.read_parquet(path, columns=["key", "kind"])
+    except FileNotFoundError as exc:
+        raise NcleanerError(f"{path}: no such ground-truth file") from exc
+    except Exception as exc:
+        raise NcleanerError(f"{path}: cannot read the kind column of the ground truth: {first_line(exc)}") from exc
+    kinds = report["key"].map(truth.drop_duplicates("key").set_index("key")["kind"])
+    kinds = np.array([k if _has_kind(k) else None for k in kinds], dtype=object)
+    return kinds if any(k is not None for k in kinds) else None
+
+
 def kept_set_metrics(kept: np.ndarray, noisy: np.ndarray) -> dict[str, float]:
     """Precision of the kept set (share of clean pairs in it) and the share of noisy pairs removed."""
     return {
@@ -82,8 +148,11 @@ def truth_from_file(report: pd.DataFrame, path: str | Path) -> np.ndarray:
     return noisy.to_numpy(dtype=bool)
 
 
-def evaluate_report(report: pd.DataFrame, noisy: np.ndarray) -> dict:
-    """Detection metrics of every score column, and the kept set of the model's automatic rule."""
+def evaluate_report(
+    report: pd.DataFrame, noisy: np.ndarray, kinds: np.ndarray | None = None, source: str = "noise kinds"
+) -> dict:
+    """Detection metrics of every score column, and the kept set of the model's automatic rule;
+    with ``kinds``, also the metrics per noise kind (``detection_by_kind``)."""
     rule = AUTO_RULE  # the very rule `filter --auto` applies
     kept = np.array([rule.keep(s, v) for s, v in zip(report["status"], report[rule.column], strict=True)], dtype=bool)
     return {
@@ -96,6 +165,7 @@ def evaluate_report(report: pd.DataFrame, noisy: np.ndarray) -> dict:
             "kept": int(kept.sum()),
             **kept_set_metrics(kept, noisy),
         },
+        **({"by_kind": detection_by_kind(report, noisy, kinds, source)} if kinds is not None else {}),
     }
 
 
@@ -194,6 +264,18 @@ def format_detection(d: dict) -> str:
         f"  auto rule ({d['auto']['rule']}): kept {d['auto']['kept']}, {d['auto']['kept_precision']:.1%} clean, "
         f"{d['auto']['noise_removed']:.1%} of the noise removed",
     ]
+    by_kind = d.get("by_kind") or {}
+    columns = list(next(iter(by_kind.values()))["columns"]) if by_kind else []
+    for metric, name in (("auroc", "AUROC"), ("ap", "AP")):
+        if by_kind:
+            lines += [
+                f"  {name} by noise kind (clean pairs + the noisy pairs of that kind):",
+                f"    {'kind':<14}{'noisy':>7}" + "".join(f"{c:>16}" for c in columns),
+                *(
+                    f"    {kind:<14}{k['noisy']:>7}" + "".join(f"{k['columns'][c][metric]:>16.4f}" for c in columns)
+                    for kind, k in by_kind.items()
+                ),
+            ]
     return "\n".join(lines)
 
 
