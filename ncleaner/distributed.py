@@ -75,25 +75,24 @@ def _import_ray():
 
 
 @contextmanager
-def ray_session(address: str | None, *, num_cpus: int | None = None) -> Iterator:
+def ray_session(address: str | None) -> Iterator:
     """Ray, connected for the length of the block.
 
     An existing connection of the caller's (``ray.init`` called before) is used as it is and
-    left open. Otherwise ``address`` None starts a local Ray with ``num_cpus`` CPUs (default:
-    this process's cores) that ends with the block; ``auto`` joins the cluster ``ray start``
+    left open. Otherwise ``address`` None starts a local Ray with this process's cores, which
+    ends with the block; ``auto`` joins the cluster ``ray start``
     made on this machine; ``HOST:PORT`` (or ``ray://HOST:PORT``) another one.
     """
     ray = _import_ray()
     if ray.is_initialized():
         yield ray
         return
-    quiet = {"include_dashboard": False, "logging_level": logging.WARNING, "log_to_driver": True}
+    common = {"include_dashboard": False, "logging_level": logging.WARNING, "runtime_env": _package_env()}
     try:
         if address is None:
-            cpus = num_cpus or len(os.sched_getaffinity(0))
-            ray.init(num_cpus=cpus, object_store_memory=LOCAL_OBJECT_STORE_BYTES, **quiet)
+            ray.init(num_cpus=len(os.sched_getaffinity(0)), object_store_memory=LOCAL_OBJECT_STORE_BYTES, **common)
         else:
-            ray.init(address=address, **quiet)
+            ray.init(address=address, **common)
     except ConnectionError as exc:
         raise NcleanerError(f"--ray-address {address}: no Ray cluster there ({first_line(exc)})") from None
     try:
@@ -117,21 +116,19 @@ def _check_reachable(address: str) -> None:
         ) from None
 
 
-def _package_env(ray) -> dict:
-    """The job's runtime environment, plus this very ``ncleaner`` shipped to every worker, so that
-    the cluster runs the driver's code.
+def _package_env() -> dict:
+    """The job's runtime environment: this very ``ncleaner`` shipped to every worker, so that the
+    cluster runs the driver's code.
 
     Its dependencies (torch, open_clip, ...) must be installed on every node
     (``pip install 'ncleaner[ray]'``); the package itself, a few hundred KB, travels with
-    the job, so a node holding another version, or none, cannot change the results. What
-    the job's own ``ray.init(runtime_env=...)`` set (environment variables, a setup hook)
-    is kept.
+    the job, so a node holding another version, or none, cannot change the results. (Ray
+    uploads a local directory only for a whole job, at ``ray.init``: a caller that connected
+    Ray itself makes ncleaner importable on its workers its own way.)
     """
     import ncleaner
 
-    env = dict(ray.get_runtime_context().runtime_env or {})
-    env["py_modules"] = [str(Path(ncleaner.__file__).parent), *env.get("py_modules", [])]
-    return env
+    return {"py_modules": [str(Path(ncleaner.__file__).parent)]}
 
 
 def _worker_resources(ray, device: str, actors_per_gpu: int) -> tuple[int, dict]:
@@ -182,9 +179,7 @@ def _run_on_actors(
     from tqdm.auto import tqdm
 
     count, resources = _worker_resources(ray, device, actors_per_gpu)
-    remote = ray.remote(worker_class).options(
-        **resources, max_restarts=RETRIES, max_task_retries=RETRIES, runtime_env=_package_env(ray)
-    )
+    remote = ray.remote(worker_class).options(**resources, max_restarts=RETRIES, max_task_retries=RETRIES)
     actors = [remote.remote(*init) for _ in range(min(count, len(items)))]
     queue = deque(items)
     pending: dict = {}
@@ -409,23 +404,19 @@ def _route_piece(url: str, report, outcomes: list[str], pieces: list[str | None]
     from .filtering import route_shard
     from .writer import ShardPiece
 
-    sinks = [ShardPiece(p) if p is not None else None for p in pieces]
+    sinks = [ShardPiece(p) for p in pieces if p is not None]
     try:
-        damaged = route_shard(url, report, outcomes, sinks[0], sinks[1])
-    except UnreadableShard as exc:
+        damaged = route_shard(url, report, outcomes, sinks[0], sinks[1] if len(sinks) > 1 else None)
+    except BaseException as exc:
         for sink in sinks:
-            if sink is not None:
-                sink.abort()
-        return {"error": str(exc), "damaged": False, "ends": [[], []]}
-    except BaseException:
-        for sink in sinks:
-            if sink is not None:
-                sink.abort()
+            sink.abort()
+        if isinstance(exc, UnreadableShard):
+            return {"error": str(exc), "damaged": False, "ends": [[], []]}
         raise
     for sink in sinks:
-        if sink is not None:
-            sink.close()
-    return {"error": None, "damaged": damaged, "ends": [s.ends if s is not None else [] for s in sinks]}
+        sink.close()
+    ends = [sink.ends for sink in sinks]
+    return {"error": None, "damaged": damaged, "ends": ends + [[]] * (2 - len(ends))}
 
 
 def _stitch(path: str, ranges: list[tuple]) -> str:
@@ -467,7 +458,7 @@ def filter_on_ray(
     routed: dict[str, tuple] = {}
     ends: dict[str, list] = {}
     with ray_session(ray_address) as ray:
-        env = {"num_cpus": 1, "max_retries": RETRIES, "runtime_env": _package_env(ray)}
+        env = {"num_cpus": 1, "max_retries": RETRIES}
         route = ray.remote(_route_piece).options(**env)
         stitch = ray.remote(_stitch).options(**env)
         refs = {}
