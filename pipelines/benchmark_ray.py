@@ -282,7 +282,8 @@ def scaling_model(backbone: str, stages: dict, facts: dict, rows: list[dict]) ->
     k_needed = gpu_rate / decode
     table = []
     for gpus in (1, 8, 64):
-        for k in sorted({1, 8, 32, max(1, min(64, int(round(k_needed))))}):
+        host = speed.ASSUMED_HOST_CORES // 8  # the cores per GPU of an 8-GPU host
+        for k in sorted({1, 8, host, 32, max(1, min(64, int(round(k_needed))))}):
             per_gpu = min(gpu_rate, k * decode)
             pool = 100_000_000
             hours = (pool / (gpus * per_gpu) + stages["ray_init_s"] + stages["actor_start_s_main"]) / 3600
@@ -372,6 +373,23 @@ def markdown(doc: dict) -> str:
             f"| {t['gpus']} | {t['workers_per_gpu']} | {t['cores']} | {t['pairs_per_s']:.0f} | {t['bound']} | "
             f"{t['hours_for_100M']:.1f} |"
         )
+    lines += [
+        "",
+        "What the model leaves out, and would change its numbers:",
+        "",
+        f"- An 8-GPU host with {speed.ASSUMED_HOST_CORES} cores (a DGX A100) has "
+        f"{speed.ASSUMED_HOST_CORES // 8} cores per GPU: by the measured decode rate that host is "
+        "decode-bound, not GPU-bound, for this backbone.",
+        "- The decode rate is of generated 256-pixel JPEGs; web images of a crawl (often 512 px and more, some",
+        "  PNG) decode slower, which moves the bound further to the CPUs.",
+        "- Workers sharing a GPU are separate processes, each with its own CUDA context and a copy of the",
+        "  model (ViT-B-32: about 0.6 GB in float32); the GPU time-slices between them, at a cost not measured",
+        "  here (no GPU), and not counted.",
+        "- Storage: every worker reads its shards and writes its parts on a shared file system; at 100 M pairs",
+        "  of ~50 KB images that is about 5 TB read, which at the rates above needs 1-3 GB/s from it.",
+        "- `filter` on Ray writes every output byte twice (pieces, then shards): it is I/O-bound and the",
+        "  fixed cost of starting Ray dominates on small pools (the row above).",
+    ]
     return "\n".join(lines) + "\n"
 
 
