@@ -11,11 +11,12 @@ DEMO := demo_out
 install: $(STAMP)
 
 # torch and torchvision are pinned here (the versions this project is tested with);
-# the package itself accepts any recent torch.
+# the package itself accepts any recent torch. The ray extra is installed so that make test
+# runs the Ray engine's tests (tests/test_ray_engine.py; they skip where Ray is missing).
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet -e '.[test,ray]'
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -106,6 +106,37 @@ workers_option = click.option(
     help="Processes decoding images while the main one encodes (default: one per core, at most one per shard; "
     "0: decode in the main process). Results do not depend on it.",
 )
+engine_options = [
+    click.option(
+        "--engine",
+        type=click.Choice(["local", "ray"]),
+        default="local",
+        show_default=True,
+        help="local: this machine; ray: one work item per shard on a Ray cluster (pip install 'ncleaner[ray]'). "
+        "The output is the same.",
+    ),
+    click.option(
+        "--ray-address",
+        default=None,
+        help="With --engine ray: auto joins the cluster ray start made; HOST:PORT another one; "
+        "left out, a local Ray is started for the run.",
+    ),
+]
+gpu_share_option = click.option(
+    "--ray-actors-per-gpu",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="With --engine ray on GPUs: workers sharing each GPU, each decoding on its own CPU.",
+)
+
+
+def engine_option(command):
+    for option in reversed(engine_options):
+        command = option(command)
+    return command
+
+
 embeddings_options = [
     click.option(
         "--embeddings",
@@ -228,6 +259,8 @@ def main():
 @max_pixels_option
 @embeddings_option
 @workers_option
+@engine_option
+@gpu_share_option
 @verbosity
 @user_errors
 @click.pass_context
@@ -244,6 +277,9 @@ def fit(
     embeddings,
     embeddings_backbone,
     workers,
+    engine,
+    ray_address,
+    ray_actors_per_gpu,
     progress,
     **options,
 ):
@@ -252,7 +288,8 @@ def fit(
     \b
     SHARDS: directories of .tar files, globs, brace patterns or URL / pipe: specs.
     The configuration is DisNCLConfig's defaults, then --config, then the options given here,
-    then --set; it is saved as the model's config.json.
+    then --set; it is saved as the model's config.json. With --engine ray (a frozen --pretrained
+    backbone and --embeddings), the shards are encoded on the cluster; the heads train here.
     """
     from .train import fit as run_fit
 
@@ -269,6 +306,9 @@ def fit(
         embeddings_backbone=embeddings_backbone,
         workers=workers,
         progress=progress,
+        engine=engine,
+        ray_address=ray_address,
+        ray_actors_per_gpu=ray_actors_per_gpu,
     )
     unused = sum(v for k, v in result.statuses.items() if k != OK)
     truncated = result.statuses.get(TRUNCATED_SHARD, 0)
@@ -319,6 +359,8 @@ def fit_config(ctx: click.Context, config_file: str | None, options: dict, overr
 @embeddings_option
 @workers_option
 @allow_download_option
+@engine_option
+@gpu_share_option
 @verbosity
 @user_errors
 def score(
@@ -335,6 +377,9 @@ def score(
     embeddings_backbone,
     workers,
     allow_download,
+    engine,
+    ray_address,
+    ray_actors_per_gpu,
     progress,
 ):
     """Score every pair of SHARDS and write a Parquet report (one row per pair, one file per shard).
@@ -360,6 +405,9 @@ def score(
         workers=workers,
         progress=progress,
         allow_download=allow_download,
+        engine=engine,
+        ray_address=ray_address,
+        ray_actors_per_gpu=ray_actors_per_gpu,
     )
     not_ok = {k: v for k, v in result.statuses.items() if k != OK}
     click.echo(
@@ -390,10 +438,12 @@ def score(
 @bad_shard_option
 @max_pixels_option
 @allow_download_option
+@engine_option
+@gpu_share_option
 @verbosity
 @user_errors
 def embed(shards, backbone, pretrained, out_dir, batch_size, precision, device, workers, on_bad_shard,
-          max_image_pixels, allow_download, progress):  # fmt: skip
+          max_image_pixels, allow_download, engine, ray_address, ray_actors_per_gpu, progress):  # fmt: skip
     """Encode every pair of SHARDS once and write the embeddings in clip-retrieval's layout.
 
     \b
@@ -417,6 +467,9 @@ def embed(shards, backbone, pretrained, out_dir, batch_size, precision, device, 
         max_image_pixels=max_image_pixels,
         progress=progress,
         allow_download=allow_download,
+        engine=engine,
+        ray_address=ray_address,
+        ray_actors_per_gpu=ray_actors_per_gpu,
     )
     not_ok = {k: v for k, v in result.statuses.items() if k != OK}
     click.echo(
@@ -481,6 +534,7 @@ def embed(shards, backbone, pretrained, out_dir, batch_size, precision, device, 
     help="Replace what an earlier filter run wrote to --out / --rejected-out (per its manifest).",
 )
 @bad_shard_option
+@engine_option
 @verbosity
 @user_errors
 def filter_cmd(
@@ -498,6 +552,8 @@ def filter_cmd(
     maxcount,
     force,
     on_bad_shard,
+    engine,
+    ray_address,
     progress,
 ):
     """Write the pairs of SHARDS that pass the rule as new shards, byte for byte, with a manifest.json.
@@ -527,6 +583,8 @@ def filter_cmd(
         force=force,
         on_bad_shard=on_bad_shard,
         progress=progress,
+        engine=engine,
+        ray_address=ray_address,
     )
     rule = result.rule
     reasons = _reasons(result.rejected_by_reason)

@@ -40,6 +40,7 @@ from . import __version__, schema
 from .backbone import build_backbone, download_reason, resolve_device
 from .config import DEFAULT_MAX_IMAGE_PIXELS
 from .decode import by_shard, decode_blocks, default_workers, image_member, read_text_fields
+from .distributed import check_engine
 from .encode import Encoder
 from .errors import NcleanerError, UnreadableShard, first_line
 from .shards import expand_shards, read_shard, shard_names
@@ -549,6 +550,9 @@ def embed(
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
     progress: bool = False,
     allow_download: bool = False,
+    engine: str = "local",
+    ray_address: str | None = None,
+    ray_actors_per_gpu: int = 1,
 ) -> EmbedResult:
     """Encode every pair of ``shards`` once and write the embeddings directory ``out_dir``.
 
@@ -568,17 +572,25 @@ def embed(
         max_image_pixels: larger images are not decoded (status ``too_large``).
         progress: one progress bar over the pairs.
         allow_download: let open_clip download ``backbone`` / ``pretrained``.
+        engine: ``local``, or ``ray``: one work item per shard on a Ray cluster, each encoded
+            and written by a worker holding the backbone (``ncleaner.distributed``).
+        ray_address: with ``engine="ray"``: None starts a local Ray for the run, ``auto`` joins
+            the cluster ``ray start`` made on this machine, ``HOST:PORT`` another one.
+        ray_actors_per_gpu: with ``engine="ray"`` on GPUs, workers sharing each GPU (each decodes
+            on its own CPU: more of them feed a fast GPU better; docs/design.md section 12).
     """
     if on_bad_shard not in ("fail", "skip"):
         raise NcleanerError(f"--on-bad-shard {on_bad_shard}: must be fail or skip")
     if not pretrained:
         raise NcleanerError("embed needs --pretrained: the features of a randomly initialised backbone mean nothing")
+    check_engine(engine, ray_address)
     urls = expand_shards(shards)
     names = shard_names(urls)
     reason = None if allow_download else download_reason(backbone, pretrained)
     if reason:
         raise NcleanerError(f"{backbone}: {reason}; nothing is downloaded unless allowed (pass --allow-download)")
-    torch_device = resolve_device(device)
+    # On Ray the workers encode: the backbone is built here only for its width (embeddings.json).
+    torch_device = resolve_device("cpu" if engine == "ray" else device)
     model = build_backbone(backbone, pretrained, torch_device)
     identity = backbone_identity(backbone, pretrained, model.embed_dim)
     store = EmbeddingStore.open(out_dir, identity, create=True)
@@ -588,6 +600,26 @@ def embed(
         (result.skipped_shards if store.has(name) else todo).append((url, name))
     if result.skipped_shards:
         logger.info("skipped %d shard(s) already embedded", len(result.skipped_shards))
+    if engine == "ray":
+        from .distributed import embed_on_ray
+
+        answers = embed_on_ray(
+            todo,
+            store,
+            backbone=backbone,
+            pretrained=pretrained,
+            precision=precision,
+            batch_size=batch_size,
+            device=device,
+            max_image_pixels=max_image_pixels,
+            ray_address=ray_address,
+            allow_download=allow_download,
+            progress=progress,
+            actors_per_gpu=ray_actors_per_gpu,
+        )
+        for _, name in todo:  # in input order, as the local engine counts them
+            record_embedding(result, answers[name], on_bad_shard=on_bad_shard)
+        return result
     encoder = Encoder(model, torch_device, precision=precision, source=f"backbone {backbone} ({pretrained})")
     bar = tqdm(unit="pair", disable=not progress, dynamic_ncols=True, desc=f"embedding {len(todo)} shard(s)")
     stream = compute_features(
@@ -600,17 +632,36 @@ def embed(
         max_pixels=max_image_pixels,
         progress=bar.update,
     )
-    for features, (url, name) in zip(stream, todo, strict=True):
-        if features.error:
-            if on_bad_shard == "fail":
-                raise UnreadableShard(features.error)
-            logger.warning("skipped %s", features.error)
-            result.failed_shards[url] = features.error
-            continue
-        store.write(name, features)
-        result.statuses.update(features.statuses)
-        result.embedded_shards.append(url)
-        if features.damage:
-            result.truncated_shards.append(url)
+    for features, (_, name) in zip(stream, todo, strict=True):
+        record_embedding(result, write_embedding_part(store, name, features), on_bad_shard=on_bad_shard)
     bar.close()
     return result
+
+
+def write_embedding_part(store: EmbeddingStore, name: str, features: ShardFeatures) -> dict:
+    """Finish one shard of ``embed``: write its part; the unit of work both engines share.
+
+    Returns what ``record_embedding`` counts: the shard, its statuses and damage, or
+    ``{"shard": url, "error": why}`` for a shard that could not be read (no part is
+    written, so the next run tries it again).
+    """
+    if features.error:
+        return {"shard": features.url, "error": features.error}
+    store.write(name, features)
+    return {"shard": features.url, "statuses": dict(Counter(features.statuses)), "damage": features.damage}
+
+
+def record_embedding(result: EmbedResult, done: dict, *, on_bad_shard: str) -> None:
+    """Count one shard (``write_embedding_part``'s answer) into ``result``; an unreadable one
+    stops the run (``fail``) or is listed in ``failed_shards`` (``skip``)."""
+    url = done["shard"]
+    if "error" in done:
+        if on_bad_shard == "fail":
+            raise UnreadableShard(done["error"])
+        logger.warning("skipped %s", done["error"])
+        result.failed_shards[url] = done["error"]
+        return
+    result.statuses.update(done["statuses"])
+    result.embedded_shards.append(url)
+    if done["damage"]:
+        result.truncated_shards.append(url)

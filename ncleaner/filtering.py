@@ -27,6 +27,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from . import schema
+from .distributed import check_engine
 from .errors import NcleanerError, UnreadableShard, first_line
 from .schema import AUTO_RULE, SCORE_COLUMNS, Rule, failed_marker, report_paths
 from .shards import expand_shards, is_local, read_shard, shard_names
@@ -352,6 +353,8 @@ def filter_shards(
     force: bool = False,
     on_bad_shard: str = "fail",
     progress: bool = False,
+    engine: str = "local",
+    ray_address: str | None = None,
 ) -> FilterResult:
     """Split ``shards`` into kept and rejected samples by the report's scores.
 
@@ -373,9 +376,15 @@ def filter_shards(
         on_bad_shard: ``fail`` (default) stops at a shard that cannot be read; ``skip``
             records it in the manifest and goes on.
         progress: show a progress bar over the samples.
+        engine: ``local``, or ``ray``: one task per input shard on a Ray cluster, each routing its
+            samples with ncleaner's own reader and shard writer (``ncleaner.distributed``); the
+            shards and manifest are byte for byte those of the local engine.
+        ray_address: with ``engine="ray"``: None starts a local Ray for the run, ``auto`` joins
+            the cluster ``ray start`` made on this machine, ``HOST:PORT`` another one.
     """
     if on_bad_shard not in ON_BAD_SHARD:
         raise NcleanerError(f"--on-bad-shard {on_bad_shard}: must be one of {', '.join(ON_BAD_SHARD)}")
+    check_engine(engine, ray_address)
     urls = expand_shards(shards)
     check_outputs_apart_from_inputs([out_dir, rejected_out], urls)
     if rejected_out is not None:
@@ -408,26 +417,31 @@ def filter_shards(
         rejected_stage = (
             stack.enter_context(StagedDir(rejected_out, force=force, owned=owned)) if rejected_out is not None else None
         )
-        kept = ShardSink(kept_stage.path, maxcount)
-        rejected = ShardSink(rejected_stage.path, maxcount) if rejected_stage is not None else None
-        total = sum(len(r) for r in reports.values())
-        bar = stack.enter_context(tqdm(total=total, unit="pair", desc="filtering", disable=not progress))
-        with kept, rejected or ExitStack():
-            for url in urls:
-                if url in skipped:
-                    continue
-                try:
-                    damaged = _filter_shard(url, reports[url], outcomes[url], kept, rejected)
-                    bar.update(len(reports[url]))
-                except UnreadableShard as exc:
-                    if on_bad_shard == "fail":
-                        raise
-                    skipped[url] = str(exc)
-                    logger.warning("skipped %s", exc)
-                    continue
-                per_shard[url] = _shard_counts(outcomes[url])
-                if damaged:
-                    truncated.append(url)
+        stages = [kept_stage.path, rejected_stage.path if rejected_stage is not None else None]
+        todo = [url for url in urls if url not in skipped]
+        if engine == "ray":
+            from .distributed import filter_on_ray
+
+            routed, (kept_paths, rejected_paths) = filter_on_ray(
+                todo, reports, outcomes, stages, maxcount=maxcount, ray_address=ray_address, progress=progress
+            )
+        else:
+            total = sum(len(reports[url]) for url in todo)
+            bar = stack.enter_context(tqdm(total=total, unit="pair", desc="filtering", disable=not progress))
+            routed, (kept_paths, rejected_paths) = _route_locally(
+                todo, reports, outcomes, stages, maxcount=maxcount, on_bad_shard=on_bad_shard, bar=bar
+            )
+        for url in todo:
+            error, damaged = routed[url]
+            if error is not None:
+                if on_bad_shard == "fail":
+                    raise UnreadableShard(error)
+                skipped[url] = error
+                logger.warning("skipped %s", error)
+                continue
+            per_shard[url] = _shard_counts(outcomes[url])
+            if damaged:
+                truncated.append(url)
         result = _result(
             Path(out_dir),
             rule,
@@ -435,17 +449,17 @@ def filter_shards(
             plan,
             skipped_shards=skipped,
             truncated_shards=truncated,
-            kept_shards=[str(Path(out_dir) / p.name) for p in kept.paths],
-            rejected_shards=[str(Path(rejected_out) / p.name) for p in rejected.paths] if rejected else [],
+            kept_shards=[str(Path(out_dir) / p.name) for p in kept_paths],
+            rejected_shards=[str(Path(rejected_out) / p.name) for p in rejected_paths],
         )
         manifest = _manifest(result, urls, report_dir, reports, rejected_out)
         if rejected_stage is not None:
             write_json(
-                rejected_stage.path / MANIFEST, {**manifest, "role": "rejected", "files": _names(rejected.paths)}
+                rejected_stage.path / MANIFEST, {**manifest, "role": "rejected", "files": _names(rejected_paths)}
             )
             rejected_stage.commit()
         # The kept directory goes last: its manifest is what says the whole run finished.
-        write_json(kept_stage.path / MANIFEST, {**manifest, "role": "kept", "files": _names(kept.paths)})
+        write_json(kept_stage.path / MANIFEST, {**manifest, "role": "kept", "files": _names(kept_paths)})
         kept_stage.commit()
     return result
 
@@ -481,9 +495,37 @@ def _result(out_dir: Path, rule: Rule, per_shard: dict[str, dict], plan: Overrid
     )
 
 
-def _filter_shard(url, report: pd.DataFrame, outcomes: list[str], kept, rejected) -> bool:
-    """Route one shard's samples by ``route``'s outcomes of its report rows; True when the shard
-    is damaged (truncated)."""
+def _route_locally(urls, reports, outcomes, stages, *, maxcount: int, on_bad_shard: str, bar) -> tuple[dict, tuple]:
+    """Route ``urls`` one after the other into one ``ShardSink`` per stage (kept, rejected or None).
+
+    Returns, per shard, (the error that made it unreadable or None, whether it is damaged),
+    and the paths of the kept and rejected shards written. With ``on_bad_shard="fail"`` the
+    first unreadable shard raises at once: no later shard is read.
+    """
+    kept = ShardSink(stages[0], maxcount)
+    rejected = ShardSink(stages[1], maxcount) if stages[1] is not None else None
+    routed = {}
+    with kept, rejected or ExitStack():
+        for url in urls:
+            try:
+                routed[url] = (None, route_shard(url, reports[url], outcomes[url], kept, rejected))
+            except UnreadableShard as exc:
+                if on_bad_shard == "fail":
+                    raise
+                routed[url] = (str(exc), False)
+            bar.update(len(reports[url]))
+    return routed, (kept.paths, rejected.paths if rejected is not None else [])
+
+
+def route_shard(url: str, report: pd.DataFrame, outcomes: list[str], kept, rejected) -> bool:
+    """Write one input shard's samples to ``kept`` or ``rejected`` by ``route``'s outcomes of its
+    report rows: the unit of work of ``filter`` on both engines (locally into the run's
+    ``ShardSink``s, on Ray into one ``ShardPiece`` per shard and role). Returns True when the
+    shard is damaged (truncated).
+
+    ``kept`` and ``rejected`` (None: rejected samples are not written) take ``write_raw``.
+    The shard is checked against its report as it is read: a changed shard is an error.
+    """
     keys, statuses = report["key"].tolist(), report["status"].tolist()
     reader = read_shard(url)
     n = 0

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from .backbone import resolve_device
 from .decode import DEFAULT_MAX_IMAGE_PIXELS, default_workers
+from .distributed import check_engine
 from .embeddings import ShardFeatures, open_for_model, shard_features
 from .errors import NcleanerError, UnreadableShard
 from .model import NcleanerModel
@@ -65,6 +66,9 @@ def score(
     workers: int | None = None,
     progress: bool = False,
     allow_download: bool = False,
+    engine: str = "local",
+    ray_address: str | None = None,
+    ray_actors_per_gpu: int = 1,
 ) -> ScoreResult:
     """Score every pair of ``shards`` with the model in ``model_dir``; write the report to ``out_dir``.
 
@@ -88,12 +92,20 @@ def score(
             this process). The report does not depend on it.
         progress: show one progress bar over the pairs of all shards.
         allow_download: let open_clip download the backbone the model names (see ``NcleanerModel.load``).
+        engine: ``local`` (this process and its decoding workers) or ``ray``: one work item per
+            shard on a Ray cluster, each scored and written by a worker holding the model
+            (``ncleaner.distributed``). The report is the same either way.
+        ray_address: with ``engine="ray"``: None starts a local Ray for the run, ``auto`` joins
+            the cluster ``ray start`` made on this machine, ``HOST:PORT`` another one.
+        ray_actors_per_gpu: with ``engine="ray"`` on GPUs, workers sharing each GPU (each decodes
+            on its own CPU: more of them feed a fast GPU better; docs/design.md section 12).
     """
     if on_bad_shard not in ("fail", "skip"):
         raise NcleanerError(f"--on-bad-shard {on_bad_shard}: must be fail or skip")
+    check_engine(engine, ray_address)
     urls = expand_shards(shards)
     names = shard_names(urls)
-    table_schema = report_schema(keep_json_fields)
+    report_schema(keep_json_fields)  # refuses a kept field that would overwrite a column, before any work
     out = Path(out_dir)
     # Checked before the slow model load: a report that cannot be written fails at once.
     if out.exists() and not out.is_dir():
@@ -103,7 +115,9 @@ def score(
     except OSError as exc:
         raise output_error(out, exc) from exc
     remove_stale_partials(out)
-    model = NcleanerModel.load(model_dir, resolve_device(device), allow_download=allow_download)
+    # On Ray the workers score; here the model only names the report (model_id) and the embeddings it fits.
+    here = torch.device("cpu") if engine == "ray" else resolve_device(device)
+    model = NcleanerModel.load(model_dir, here, allow_download=allow_download)
     if not overwrite:
         _refuse_other_models(out, model.model_id)
     result = ScoreResult(report_dir=out, model_id=model.model_id)
@@ -119,6 +133,26 @@ def score(
     store = None
     if embeddings is not None:
         store = open_for_model(embeddings, model.config, create=True, assume_backbone=embeddings_backbone)
+    if engine == "ray":
+        from .distributed import score_on_ray
+
+        answers = score_on_ray(
+            todo,
+            model_dir,
+            out,
+            store=store,
+            keep_json_fields=keep_json_fields,
+            batch_size=batch_size,
+            device=device,
+            max_image_pixels=max_image_pixels,
+            ray_address=ray_address,
+            allow_download=allow_download,
+            progress=progress,
+            actors_per_gpu=ray_actors_per_gpu,
+        )
+        for _, name in todo:  # in input order, as the local engine counts them
+            record_shard(result, answers[name], out, name, on_bad_shard=on_bad_shard)
+        return result
     # One bar for the whole pool: the total is unknown until every shard is read, so it counts pairs.
     bar = tqdm(unit="pair", disable=not progress, dynamic_ncols=True, desc=f"scoring {len(todo)} shard(s)")
     stream = shard_features(
@@ -133,34 +167,68 @@ def score(
         max_pixels=max_image_pixels,
         progress=bar.update,
     )
-    for features, (url, name) in zip(stream, todo, strict=True):
-        target, marker = report_paths(out, name)
-        if features.error:
-            if on_bad_shard == "fail":
-                raise UnreadableShard(features.error)
-            logger.warning("skipped %s", features.error)
-            write_json(failed_marker(out, name), {"shard": url, "reason": features.error})
-            result.failed_shards[url] = features.error
-            continue
-        table = _report_table(model, features, table_schema, keep_json_fields)
-        statuses = Counter(features.statuses)
-        atomic_write(target, lambda tmp, t=table: pq.write_table(t, tmp))
-        done = {
-            "shard": url,
-            "rows": table.num_rows,
-            "model_id": model.model_id,
-            "statuses": dict(statuses),
-            "damage": features.damage,
-        }
-        write_json(marker, done)
-        failed_marker(out, name).unlink(missing_ok=True)
-        result.scored_shards.append(url)
-        result.rows += table.num_rows
-        result.statuses.update(statuses)
-        if features.damage:
-            result.truncated_shards.append(url)
+    for features, (_, name) in zip(stream, todo, strict=True):
+        done = write_shard_report(model, features, out, name, keep_json_fields=keep_json_fields)
+        record_shard(result, done, out, name, on_bad_shard=on_bad_shard)
     bar.close()
     return result
+
+
+def write_shard_report(
+    model: NcleanerModel,
+    features: ShardFeatures,
+    out_dir: Path,
+    name: str,
+    *,
+    keep_json_fields: Sequence[str] = (),
+) -> dict:
+    """Finish one shard of ``score``: its report part and marker, from its features.
+
+    This is the unit of work both engines share: the local engine calls it as each shard
+    comes out of its pipelined decode and encode stream, a Ray worker on the shard it was
+    given (``ncleaner.distributed``). The part is written before the marker, each under a
+    temporary name first, so a worker killed at any point leaves the shard unfinished and
+    the next attempt scores it again.
+
+    Returns the marker's content, or ``{"shard": url, "error": why}`` for a shard that could
+    not be read (nothing is written then: ``record_shard`` decides what that means).
+    """
+    if features.error:
+        return {"shard": features.url, "error": features.error}
+    target, marker = report_paths(out_dir, name)
+    table = _report_table(model, features, report_schema(keep_json_fields), keep_json_fields)
+    atomic_write(target, lambda tmp: pq.write_table(table, tmp))
+    done = {
+        "shard": features.url,
+        "rows": table.num_rows,
+        "model_id": model.model_id,
+        "statuses": dict(Counter(features.statuses)),
+        "damage": features.damage,
+    }
+    write_json(marker, done)
+    failed_marker(out_dir, name).unlink(missing_ok=True)
+    return done
+
+
+def record_shard(result: ScoreResult, done: dict, out_dir: Path, name: str, *, on_bad_shard: str) -> None:
+    """Count one finished shard (``write_shard_report``'s answer) into ``result``.
+
+    An unreadable shard stops the run (``fail``) or is recorded as ``_<shard>.failed.json``
+    and left for the next run to try again (``skip``).
+    """
+    url = done["shard"]
+    if "error" in done:
+        if on_bad_shard == "fail":
+            raise UnreadableShard(done["error"])
+        logger.warning("skipped %s", done["error"])
+        write_json(failed_marker(out_dir, name), {"shard": url, "reason": done["error"]})
+        result.failed_shards[url] = done["error"]
+        return
+    result.scored_shards.append(url)
+    result.rows += done["rows"]
+    result.statuses.update(done["statuses"])
+    if done["damage"]:
+        result.truncated_shards.append(url)
 
 
 def _already_scored(out: Path, url: str, name: str, model_id: str, overwrite: bool, result: ScoreResult) -> bool:

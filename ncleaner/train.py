@@ -27,6 +27,7 @@ from . import losses, schema
 from .backbone import resolve_device
 from .config import DisNCLConfig
 from .decode import DEFAULT_MAX_IMAGE_PIXELS, by_shard, decode_blocks, default_workers
+from .distributed import check_engine
 from .embeddings import EmbeddingStore, open_for_model, shard_features
 from .encode import canonical
 from .errors import NcleanerError, UnreadableShard
@@ -211,6 +212,9 @@ def fit(
     embeddings_backbone: str | None = None,
     workers: int | None = None,
     progress: bool = False,
+    engine: str = "local",
+    ray_address: str | None = None,
+    ray_actors_per_gpu: int = 1,
 ) -> FitResult:
     """Train a DisNCL model on ``shards`` and save it to ``out_dir``.
 
@@ -232,6 +236,13 @@ def fit(
         workers: decoding processes (None: one per core, at most one per shard; 0: decode in
             this process). The model does not depend on it.
         progress: show progress bars (the per-epoch lines go to this module's logger, at INFO).
+        engine: ``local``, or ``ray``: the shards ``embeddings`` lacks are encoded on a Ray cluster
+            (``ncleaner.distributed``), then the heads train here from the embeddings, on a sample
+            of at most ``config.max_fit_pairs`` pairs. Needs ``embeddings`` and a frozen
+            pretrained backbone: the embeddings are what the cluster produces.
+        ray_address: with ``engine="ray"``: None starts a local Ray for the run, ``auto`` joins
+            the cluster ``ray start`` made on this machine, ``HOST:PORT`` another one.
+        ray_actors_per_gpu: with ``engine="ray"`` on GPUs, workers sharing each GPU.
     """
     config = config or DisNCLConfig()
     try:
@@ -240,6 +251,18 @@ def fit(
         raise NcleanerError(f"invalid configuration: {exc}") from exc
     if on_bad_shard not in ("fail", "skip"):
         raise NcleanerError(f"--on-bad-shard {on_bad_shard}: must be fail or skip")
+    check_engine(engine, ray_address)
+    if engine == "ray":
+        if config.resolved_train_backbone() != "none":
+            raise NcleanerError(
+                "fit --engine ray: the cluster computes a frozen pretrained backbone's embeddings, but this "
+                f"model trains its backbone ({config.backbone} without --pretrained, or --train-backbone all)"
+            )
+        if embeddings is None:
+            raise NcleanerError(
+                "fit --engine ray needs --embeddings DIR on storage every node reaches: the cluster writes "
+                "the pool's features there and the heads train from them here"
+            )
     urls = expand_shards(shards)
     with StagedDir(out_dir, force=force, owned=lambda _: set(MODEL_FILES)) as stage:
         workers = default_workers(len(urls)) if workers is None else workers
@@ -249,6 +272,10 @@ def fit(
             "workers": workers,
             "embeddings": embeddings,
             "embeddings_backbone": embeddings_backbone,
+            "engine": engine,
+            "ray_address": ray_address,
+            "ray_actors_per_gpu": ray_actors_per_gpu,
+            "device": device,
         }
         result = _fit(urls, stage.path, config, device, reading, progress)
         result.model_dir = stage.commit()
@@ -267,6 +294,8 @@ def _fit(urls, out: Path, config, device, reading: dict, progress) -> FitResult:
         store = open_for_model(
             reading["embeddings"], config, create=True, assume_backbone=reading["embeddings_backbone"]
         )
+    if reading.get("engine") == "ray":
+        _embed_on_ray(urls, store, config, reading, progress)
     data = load_training_set(
         urls,
         model,
@@ -323,6 +352,35 @@ def _fit(urls, out: Path, config, device, reading: dict, progress) -> FitResult:
         statuses=dict(data.statuses),
         history=history,
         skipped_shards=data.skipped_shards,
+    )
+
+
+def _embed_on_ray(urls: list[str], store: EmbeddingStore, config: DisNCLConfig, reading: dict, progress) -> None:
+    """The part of ``fit`` that needs a cluster: encode the shards the embeddings lack, on Ray.
+
+    What follows reads every shard's features from the store, here: the heads train on a
+    sample of at most ``max_fit_pairs`` of them, which one machine holds.
+    """
+    from .distributed import embed_on_ray
+
+    todo = [(u, n) for u, n in zip(urls, shard_names(urls), strict=True) if not store.has(n)]
+    if not todo:
+        return
+    # An unreadable shard gets no part: the pass that follows meets it again, and stops at it
+    # or records it as skipped, as the local engine does.
+    embed_on_ray(
+        todo,
+        store,
+        backbone=config.backbone,
+        pretrained=config.pretrained,
+        precision=config.precision,
+        batch_size=config.batch_size,
+        device=reading["device"],
+        max_image_pixels=reading["max_image_pixels"],
+        ray_address=reading["ray_address"],
+        allow_download=True,  # as fit does here: it builds the backbone the config names
+        progress=progress,
+        actors_per_gpu=reading["ray_actors_per_gpu"],
     )
 
 

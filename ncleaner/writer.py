@@ -149,6 +149,70 @@ class ShardFile:
         self.close() if exc_type is None else self.abort()
 
 
+class ShardPiece(ShardFile):
+    """Samples written exactly as ``ShardFile`` writes them, remembering the byte offset where each
+    one ends, so that ``write_shard_from_pieces`` can cut pieces written by many workers into the
+    very shards one ``ShardSink`` would have written (``filter --engine ray``).
+
+    A tar member's bytes do not depend on where it lies in the archive, so a sample copied
+    from a piece into a shard is the same bytes ``ShardSink`` would have put there.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        super().__init__(path)
+        self.ends: list[int] = []
+
+    def write_entries(self, key: str, entries: Iterable[Entry]) -> None:
+        super().write_entries(key, entries)
+        self.ends.append(self._file.tell())
+
+
+def shard_layout(pieces: Iterable[tuple[str | os.PathLike, list[int]]], maxcount: int) -> list[list[tuple]]:
+    """The ``(piece, start, end)`` byte ranges of each shard ``ShardSink(maxcount)`` would write
+    from the samples of ``pieces`` (each a path and its samples' end offsets), in order."""
+    shards: list[list[tuple]] = []
+    filled = maxcount  # the first sample opens a shard
+    for path, ends in pieces:
+        start = 0
+        for i, end in enumerate(ends):
+            if filled == maxcount:
+                shards.append([])
+                filled = 0
+            run = shards[-1]
+            if run and run[-1][0] == path and run[-1][2] == start:
+                run[-1] = (path, run[-1][1], end)  # consecutive samples of one piece: one copy
+            else:
+                run.append((path, start, end))
+            filled += 1
+            start = ends[i]
+    return shards
+
+
+def write_shard_from_pieces(path: str | os.PathLike, ranges: Iterable[tuple]) -> Path:
+    """Write the shard made of these ``(piece, start, end)`` byte ranges, ended as tarfile ends an
+    archive (two zero blocks, then zeros up to a whole record), under a temporary name first."""
+
+    def write(tmp: str) -> None:
+        size = 0
+        with open(tmp, "xb") as out:
+            for piece, start, end in ranges:
+                with open(piece, "rb") as f:
+                    f.seek(start)
+                    remaining = end - start
+                    while remaining:
+                        chunk = f.read(min(remaining, 1 << 22))
+                        if not chunk:
+                            raise NcleanerError(f"{piece}: ends before byte {end} (a piece changed while in use)")
+                        out.write(chunk)
+                        remaining -= len(chunk)
+                size += end - start
+            size += 2 * tarfile.BLOCKSIZE
+            out.write(tarfile.NUL * (2 * tarfile.BLOCKSIZE + (-size % tarfile.RECORDSIZE)))
+
+    atomic_write(path, write)
+    return Path(path)
+
+
 class ShardSink:
     """Writes samples to ``DIR/{:05d}.tar`` shards of at most ``maxcount`` samples, each a ``ShardFile``."""
 
