@@ -786,12 +786,23 @@ def inject_noise_cmd(shards, out_dir, rate, seed, mode, force):
     help="Clean held-out SHARDS: report image-text retrieval R@1/5/10 of --model on them.",
 )
 @click.option("--model", "model_dir", type=click.Path(), default=None, help="Model directory (with --retrieval).")
+@embeddings_option
 @device_option
 @allow_download_option
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="Also write the numbers here.")
 @user_errors
 def evaluate(
-    report_dir, truth_field, truth_file, kind_field, retrieval_shards, model_dir, device, allow_download, json_out
+    report_dir,
+    truth_field,
+    truth_file,
+    kind_field,
+    retrieval_shards,
+    model_dir,
+    embeddings,
+    embeddings_backbone,
+    device,
+    allow_download,
+    json_out,
 ):
     """Measure noise detection against ground truth, and retrieval on a clean split.
 
@@ -821,7 +832,12 @@ def evaluate(
         click.echo(ev.format_detection(results["detection"]))
     if retrieval_shards:
         results["retrieval"] = ev.retrieval_metrics(
-            list(retrieval_shards), model_dir, device=device, allow_download=allow_download
+            list(retrieval_shards),
+            model_dir,
+            device=device,
+            allow_download=allow_download,
+            embeddings=embeddings,
+            embeddings_backbone=embeddings_backbone,
         )
         click.echo(ev.format_retrieval(results["retrieval"]))
     if json_out:

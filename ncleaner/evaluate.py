@@ -24,12 +24,12 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 from . import schema
 from .backbone import resolve_device
 from .config import DEFAULT_MAX_IMAGE_PIXELS
-from .embeddings import compute_features
+from .embeddings import EmbeddingStore, open_for_model, shard_features
 from .errors import NcleanerError, UnreadableShard, first_line
 from .model import NcleanerModel
 from .noise import NOISE_KINDS
 from .schema import AUTO_RULE, SCORE_COLUMNS
-from .shards import expand_shards
+from .shards import expand_shards, shard_names
 
 
 def truth_from_report(report: pd.DataFrame, field: str = "ncleaner_noisy") -> np.ndarray:
@@ -195,18 +195,22 @@ def encode_shards(
     batch_size: int = 256,
     keep: Callable[[dict], bool] | None = None,
     workers: int = 0,
+    store: EmbeddingStore | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Backbone features (F_V, F_T, L2-normalised) of every decodable pair of ``shards`` whose json
     metadata ``keep`` accepts, in shard order, and the number of samples left out.
 
-    Evaluation needs every shard whole: an unreadable or damaged one is an error.
+    Evaluation needs every shard whole: an unreadable or damaged one is an error. With
+    ``store``, shards it holds are read from it and the others encoded and added to it.
     """
     keep = keep or (lambda meta: True)
     urls = expand_shards(shards)
     raw_v, raw_t, skipped = [], [], 0
-    stream = compute_features(
+    stream = shard_features(
         urls,
+        shard_names(urls),
         model.encoder(),
+        store=store,
         preprocess=model.backbone.preprocess,
         tokenizer=model.tokenize,
         batch_size=batch_size,
@@ -236,15 +240,22 @@ def retrieval_metrics(
     device: str = "auto",
     batch_size: int = 256,
     allow_download: bool = False,
+    embeddings: str | Path | None = None,
+    embeddings_backbone: str | None = None,
 ) -> dict:
     """Image-text retrieval R@1/5/10 on a clean split, in the MII subspace and in the raw backbone space.
 
     Pairs whose json says ``ncleaner_noisy: true`` are left out (they have no
-    true partner), as are samples that cannot be decoded.
+    true partner), as are samples that cannot be decoded (or, with ``embeddings``,
+    that the embeddings directory has no features for). ``embeddings`` and
+    ``embeddings_backbone`` work as for ``score``.
     """
     model = NcleanerModel.load(model_dir, resolve_device(device), allow_download=allow_download)
+    store = None
+    if embeddings is not None:
+        store = open_for_model(embeddings, model.config, create=True, assume_backbone=embeddings_backbone)
     f_v, f_t, skipped = encode_shards(
-        model, shards, batch_size=batch_size, keep=lambda meta: meta.get("ncleaner_noisy") is not True
+        model, shards, batch_size=batch_size, keep=lambda meta: meta.get("ncleaner_noisy") is not True, store=store
     )
     v_s, t_s = model.heads.mii(f_v, f_t)
     clip_v, clip_t = F.normalize(f_v, dim=-1), F.normalize(f_t, dim=-1)

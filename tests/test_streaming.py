@@ -13,6 +13,7 @@ import pytest
 import torch
 from conftest import run_cli, tar_members, write_tar
 
+import ncleaner.decode
 import ncleaner.encode
 from ncleaner import DisNCLConfig
 from ncleaner.backbone import build_backbone
@@ -202,14 +203,18 @@ def test_clip_retrieval_directory_is_read_with_named_backbone(embedded, pool, ti
     assert list(read["key"]) == list(fresh["key"])
 
 
-def test_report_does_not_depend_on_decode_workers(small_shards, small_model, tmp_path):
+def test_report_does_not_depend_on_decode_workers(small_shards, small_model, tmp_path, monkeypatch):
     for workers in (0, 1, 2):
         run_cli("score", small_shards, "--model", small_model, "--out", tmp_path / f"w{workers}", "--workers",
                 workers, "--batch-size", "16", "-q")  # fmt: skip
+    # Workers replaced after every shard: three generations of decode processes for three shards.
+    monkeypatch.setattr(ncleaner.decode, "SHARDS_PER_WORKER", 1)
+    run_cli("score", small_shards, "--model", small_model, "--out", tmp_path / "recycled", "--workers", "2",
+            "--batch-size", "16", "-q")  # fmt: skip
     for part in sorted((tmp_path / "w0").glob("*.parquet")):
         data = part.read_bytes()
-        assert (tmp_path / "w1" / part.name).read_bytes() == data
-        assert (tmp_path / "w2" / part.name).read_bytes() == data
+        for other in ("w1", "w2", "recycled"):
+            assert (tmp_path / other / part.name).read_bytes() == data, other
 
 
 def test_unreadable_shard_in_a_worker_is_one_line_or_skipped(small_shards, small_model, tmp_path):
@@ -268,3 +273,15 @@ def test_text_tower_cut_to_the_longest_caption_gives_the_same_features(name):
         full = backbone.model.encode_text(tokens)
         cut = encode_text(backbone.model, tokens)
     torch.testing.assert_close(cut, full, atol=1e-5, rtol=1e-4)
+
+
+def test_evaluate_retrieval_reads_embeddings(embedded, pool, tiny_checkpoint, tmp_path, monkeypatch):
+    model = _fit_frozen(pool, tmp_path / "model", tiny_checkpoint)
+    fresh = run_cli("evaluate", "--retrieval", pool, "--model", model, "--json", tmp_path / "fresh.json")
+    counted = _count_encoded(monkeypatch)
+    stored = run_cli(
+        "evaluate", "--retrieval", pool, "--model", model, "--embeddings", embedded, "--json", tmp_path / "emb.json"
+    )
+    assert sum(counted) == 0  # every shard was read from the embeddings
+    assert fresh.output == stored.output
+    assert json.loads((tmp_path / "emb.json").read_text())["retrieval"]["pairs"] == 90  # the 30 noisy left out
