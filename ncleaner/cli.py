@@ -154,10 +154,53 @@ embeddings_options = [
 ]
 
 
-def embeddings_option(command):
-    for option in reversed(embeddings_options):
-        command = option(command)
-    return command
+def _stacked(options):
+    """One decorator applying several click options, in the order given (as --help lists them)."""
+
+    def apply(command):
+        for option in reversed(options):
+            command = option(command)
+        return command
+
+    return apply
+
+
+embeddings_option = _stacked(embeddings_options)
+
+
+def rule_options(*, preview: bool):
+    """--threshold, --keep-fraction, --auto, --column: the rule filter applies and inspect shows."""
+    lead = "Show the rule: keep" if preview else "Keep"
+    auto = (
+        "Show the model's own split, clean_prob >= 0.5 (the default with no rule)."
+        if preview
+        else "Keep pairs the model judges clean (clean_prob >= 0.5)."
+    )
+    return _stacked(
+        [
+            click.option(
+                "--threshold",
+                type=float,
+                default=None,
+                callback=_finite,
+                help=f"{lead} pairs whose --column is >= this.",
+            ),
+            click.option(
+                "--keep-fraction",
+                type=click.FloatRange(0, 1, min_open=True),
+                default=None,
+                help=f"{lead} this fraction of pairs, best --column first.",
+            ),
+            click.option("--auto", is_flag=True, help=auto),
+            click.option(
+                "--column",
+                type=click.Choice(SCORE_COLUMNS),
+                default="score",
+                show_default=True,
+                help="Report column --threshold and --keep-fraction apply to.",
+            ),
+        ]
+    )
 
 
 def _shard_notes(skipped: dict[str, str], truncated: list[str]) -> str:
@@ -485,23 +528,7 @@ def embed(shards, backbone, pretrained, out_dir, batch_size, precision, device, 
 @click.argument("shards", nargs=-1, required=True)
 @click.option("--report", "report_dir", required=True, type=click.Path(), help="Report directory written by score.")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Directory for kept shards.")
-@click.option(
-    "--threshold", type=float, default=None, callback=_finite, help="Keep pairs whose --column is >= this value."
-)
-@click.option(
-    "--keep-fraction",
-    type=click.FloatRange(0, 1, min_open=True),
-    default=None,
-    help="Keep this fraction of pairs, best --column first.",
-)
-@click.option("--auto", is_flag=True, help="Keep pairs the model judges clean (clean_prob >= 0.5).")
-@click.option(
-    "--column",
-    type=click.Choice(SCORE_COLUMNS),
-    default="score",
-    show_default=True,
-    help="Report column --threshold and --keep-fraction apply to.",
-)
+@rule_options(preview=False)
 @click.option(
     "--rejected-out",
     type=click.Path(file_okay=False),
@@ -634,23 +661,7 @@ def _dry_run_table(result) -> str:
 @click.argument("shards", nargs=-1, required=True)
 @click.option("--report", "report_dir", required=True, type=click.Path(), help="Report directory written by score.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="HTML file to write (e.g. report.html).")
-@click.option(
-    "--threshold", type=float, default=None, callback=_finite, help="Show the rule: keep pairs with --column >= this."
-)
-@click.option(
-    "--keep-fraction",
-    type=click.FloatRange(0, 1, min_open=True),
-    default=None,
-    help="Show the rule: keep this fraction of pairs, best --column first.",
-)
-@click.option("--auto", is_flag=True, help="Show the model's own split, clean_prob >= 0.5 (the default with no rule).")
-@click.option(
-    "--column",
-    type=click.Choice(SCORE_COLUMNS),
-    default="score",
-    show_default=True,
-    help="Report column --threshold and --keep-fraction apply to.",
-)
+@rule_options(preview=True)
 @click.option(
     "--per-gallery",
     type=click.IntRange(1, 500),

@@ -236,25 +236,22 @@ class _ScoreWorker:
         try:
             device = resolve_device(_worker_device(options["device"]))
             self.model = NcleanerModel.load(model_dir, device, allow_download=options["allow_download"])
-            self.encoder = self.model.encoder()
         except NcleanerError as exc:
             self.failure = str(exc)  # answered to the driver as one line, not an actor-creation traceback
 
     def run(self, url: str, name: str) -> dict:
-        from .embeddings import shard_features
+        from .embeddings import model_features
         from .report import write_shard_report
 
         if self.failure:
             return {"fatal": self.failure}
         o = self.options
         try:
-            stream = shard_features(
+            stream = model_features(
+                self.model,
                 [url],
                 [name],
-                self.encoder,
                 store=self.store,
-                preprocess=self.model.backbone.preprocess,
-                tokenizer=self.model.tokenize,
                 batch_size=o["batch_size"],
                 workers=0,
                 max_pixels=o["max_image_pixels"],

@@ -523,6 +523,32 @@ def shard_features(
         yield features
 
 
+def model_features(
+    model,
+    urls: list[str],
+    names: list[str],
+    *,
+    store: EmbeddingStore | None,
+    batch_size: int,
+    workers: int,
+    max_pixels: int,
+    progress: Callable[[int], None] | None = None,
+) -> Iterator[ShardFeatures]:
+    """``shard_features`` through an ``NcleanerModel``'s encoder, image transform and tokenizer."""
+    return shard_features(
+        urls,
+        names,
+        model.encoder(),
+        store=store,
+        preprocess=model.backbone.preprocess,
+        tokenizer=model.tokenize,
+        batch_size=batch_size,
+        workers=workers,
+        max_pixels=max_pixels,
+        progress=progress,
+    )
+
+
 @dataclass
 class EmbedResult:
     """What ``embed`` did: pairs embedded, statuses of all samples, shards done now, before, or not at all."""

@@ -24,7 +24,7 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 from . import schema
 from .backbone import resolve_device
 from .config import DEFAULT_MAX_IMAGE_PIXELS
-from .embeddings import EmbeddingStore, open_for_model, shard_features
+from .embeddings import EmbeddingStore, model_features, open_for_model
 from .errors import NcleanerError, UnreadableShard, first_line
 from .model import NcleanerModel
 from .noise import NOISE_KINDS
@@ -206,13 +206,11 @@ def encode_shards(
     keep = keep or (lambda meta: True)
     urls = expand_shards(shards)
     raw_v, raw_t, skipped = [], [], 0
-    stream = shard_features(
+    stream = model_features(
+        model,
         urls,
         shard_names(urls),
-        model.encoder(),
         store=store,
-        preprocess=model.backbone.preprocess,
-        tokenizer=model.tokenize,
         batch_size=batch_size,
         workers=workers,
         max_pixels=DEFAULT_MAX_IMAGE_PIXELS,

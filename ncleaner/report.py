@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from .backbone import resolve_device
 from .decode import DEFAULT_MAX_IMAGE_PIXELS, default_workers
 from .distributed import check_engine
-from .embeddings import ShardFeatures, open_for_model, shard_features
+from .embeddings import ShardFeatures, model_features, open_for_model
 from .errors import NcleanerError, UnreadableShard
 from .model import NcleanerModel
 from .schema import SCORE_COLUMNS, failed_marker, report_paths, report_schema
@@ -155,13 +155,11 @@ def score(
         return result
     # One bar for the whole pool: the total is unknown until every shard is read, so it counts pairs.
     bar = tqdm(unit="pair", disable=not progress, dynamic_ncols=True, desc=f"scoring {len(todo)} shard(s)")
-    stream = shard_features(
+    stream = model_features(
+        model,
         [u for u, _ in todo],
         [n for _, n in todo],
-        model.encoder(),
         store=store,
-        preprocess=model.backbone.preprocess,
-        tokenizer=model.tokenize,
         batch_size=batch_size,
         workers=default_workers(len(todo)) if workers is None else workers,
         max_pixels=max_image_pixels,

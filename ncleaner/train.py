@@ -28,7 +28,7 @@ from .backbone import resolve_device
 from .config import DisNCLConfig
 from .decode import DEFAULT_MAX_IMAGE_PIXELS, by_shard, decode_blocks, default_workers
 from .distributed import check_engine
-from .embeddings import EmbeddingStore, open_for_model, shard_features
+from .embeddings import EmbeddingStore, model_features, open_for_model
 from .encode import canonical
 from .errors import NcleanerError, UnreadableShard
 from .heads import DisNCLCritics
@@ -161,13 +161,11 @@ def load_training_set(
 def _shards(urls, model: NcleanerModel, batch_size, workers, max_image_pixels, store, bar):
     """Per shard in order: (url, statuses, error, the ok pairs' columns for the reservoir or None)."""
     if not model.trains_backbone:
-        stream = shard_features(
+        stream = model_features(
+            model,
             urls,
             shard_names(urls),
-            model.encoder(),
             store=store,
-            preprocess=model.backbone.preprocess,
-            tokenizer=model.tokenize,
             batch_size=batch_size,
             workers=workers,
             max_pixels=max_image_pixels,
