@@ -203,6 +203,12 @@ def rule_options(*, preview: bool):
     )
 
 
+def _not_ok_note(statuses, what: str) -> str:
+    """ "; not scored: 2 bad_image, 1 missing_caption" for the samples whose status is not ok, or ""."""
+    not_ok = sorted((k, v) for k, v in statuses.items() if k != OK)
+    return f"; {what}: " + ", ".join(f"{v} {k}" for k, v in not_ok) if not_ok else ""
+
+
 def _shard_notes(skipped: dict[str, str], truncated: list[str]) -> str:
     notes = []
     if skipped:
@@ -452,11 +458,10 @@ def score(
         ray_address=ray_address,
         ray_actors_per_gpu=ray_actors_per_gpu,
     )
-    not_ok = {k: v for k, v in result.statuses.items() if k != OK}
     click.echo(
         f"report {result.report_dir}: {result.rows} rows from {len(result.scored_shards) + len(result.skipped_shards)}"
         f" shard(s), model {result.model_id}"
-        + ("; not scored: " + ", ".join(f"{v} {k}" for k, v in sorted(not_ok.items())) if not_ok else "")
+        + _not_ok_note(result.statuses, "not scored")
         + _shard_notes(result.failed_shards, result.truncated_shards)
     )
 
@@ -514,12 +519,11 @@ def embed(shards, backbone, pretrained, out_dir, batch_size, precision, device, 
         ray_address=ray_address,
         ray_actors_per_gpu=ray_actors_per_gpu,
     )
-    not_ok = {k: v for k, v in result.statuses.items() if k != OK}
     click.echo(
         f"embeddings {result.out_dir}: {result.statuses.get(OK, 0)} pairs embedded from "
         f"{len(result.embedded_shards)} shard(s)"
         + (f", {len(result.skipped_shards)} shard(s) already there" if result.skipped_shards else "")
-        + ("; not embedded: " + ", ".join(f"{v} {k}" for k, v in sorted(not_ok.items())) if not_ok else "")
+        + _not_ok_note(result.statuses, "not embedded")
         + _shard_notes(result.failed_shards, result.truncated_shards)
     )
 

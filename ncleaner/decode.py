@@ -182,10 +182,6 @@ class DecodedBlock:
     damage: str | None = None
     error: str | None = None
 
-    @property
-    def ok_pairs(self) -> list[Pair]:
-        return [p for p in self.pairs if p.ok]
-
     def pin_memory(self) -> DecodedBlock:
         """Page-locked copies of the stacked inputs (DataLoader calls this with ``pin_memory``)."""
         if self.images is not None:

@@ -49,6 +49,7 @@ from .writer import atomic_write, output_error, remove_stale_partials, write_jso
 logger = logging.getLogger(__name__)
 
 INFO_FILE = "embeddings.json"
+PART_FOLDERS = ("img_emb", "text_emb", "metadata", "skipped")
 DTYPE = "float16"
 META_FIELDS = [
     pa.field("image_path", pa.string()),
@@ -157,6 +158,11 @@ class EmbeddingStore:
             except (OSError, ValueError) as exc:
                 raise NcleanerError(f"{info_path}: cannot read: {first_line(exc)}") from exc
             _check_identity(info_path, info, identity)
+            if create:
+                # Once per run, as score does for its report: listing every part folder before each
+                # shard's write would cost a directory listing per shard, growing with the pool.
+                for sub in PART_FOLDERS:
+                    remove_stale_partials(root / sub)
             return cls(root, identity, foreign=False)
         if (root / "metadata").is_dir() and any((root / "metadata").glob("*.parquet")):
             if assume_backbone is None:
@@ -174,7 +180,7 @@ class EmbeddingStore:
         if root.exists() and not root.is_dir():
             raise NcleanerError(f"{root}: exists and is not a directory")
         try:
-            for sub in ("img_emb", "text_emb", "metadata", "skipped"):
+            for sub in PART_FOLDERS:
                 (root / sub).mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise output_error(root, exc) from exc
@@ -205,8 +211,6 @@ class EmbeddingStore:
         if self.foreign:
             raise NcleanerError(f"{self.root}: written by another tool; ncleaner does not add parts to it")
         paths = self._paths(name)
-        for sub in ("img_emb", "text_emb", "metadata", "skipped"):
-            remove_stale_partials(self.root / sub)
         ok = features.ok
         for side, values in (("img", features.f_v), ("txt", features.f_t)):
             array = np.ascontiguousarray(values, dtype=np.float16)
@@ -259,12 +263,8 @@ class EmbeddingStore:
 
     def _lookup(self, part, key: str):
         if self.foreign:
-            where = self._foreign_index.get(key)
-            if where is None:
-                return None, None
-            p, row = where
-            stored = self._foreign_parts[p].rows[key]
-            return stored, (p, stored[1])
+            where = self._foreign_index.get(key)  # (part, row): the row is also the stored entry's
+            return (None, None) if where is None else (self._foreign_parts[where[0]].rows[key], where)
         stored = part.rows.get(key)
         return stored, (None, stored[1]) if stored else None
 

@@ -50,7 +50,6 @@ class TrainingSet:
     images: torch.Tensor | None = None  # trained backbone: decoded inputs
     tokens: torch.Tensor | None = None
     skipped_shards: dict[str, str] = field(default_factory=dict)  # unreadable shard -> why
-    pool_pairs: int = 0  # ok pairs read, of which the set is a uniform sample
 
     def __len__(self) -> int:
         held = self.f_v if self.f_v is not None else self.images
@@ -146,7 +145,6 @@ def load_training_set(
         if columns is not None and len(columns[0]):
             reservoir.add(*columns)
     bar.close()
-    data.pool_pairs = reservoir.seen
     sample = reservoir.sample()
     if sample is not None:
         if model.trains_backbone:
