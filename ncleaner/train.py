@@ -314,12 +314,8 @@ def _fit(urls, out: Path, config, device, reading: dict, progress) -> FitResult:
         params.append({"params": model.clip.parameters(), "lr": config.backbone_lr})
     optimizer = torch.optim.AdamW(params, weight_decay=config.weight_decay)
     critic_optimizer = torch.optim.AdamW(critics.parameters(), lr=config.critic_lr)
-    steps_per_epoch = max(1, n // config.batch_size)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer,
-        max_lr=[g["lr"] for g in params],
-        total_steps=config.epochs * steps_per_epoch,
-        pct_start=min(0.3, 1.0 / config.epochs),
+    schedule = one_cycle(
+        optimizer, [g["lr"] for g in params], config.epochs * max(1, n // config.batch_size), config.epochs
     )
 
     weights = torch.ones(n)
@@ -401,6 +397,19 @@ def _all_mii(model: NcleanerModel, data: TrainingSet, batch_size: int) -> tuple[
         out_v.append(v_s.cpu())
         out_t.append(t_s.cpu())
     return torch.cat(out_v), torch.cat(out_t)
+
+
+def one_cycle(optimizer, max_lr: list[float], steps: int, epochs: int) -> torch.optim.lr_scheduler.OneCycleLR:
+    """OneCycleLR warming up over the first epoch (at most 30 % of the steps).
+
+    OneCycleLR divides by the length of each phase, and a phase shorter than one step
+    is zero long: with one batch per epoch (a pool under two batches) the first epoch is
+    one step and the schedule raised ZeroDivisionError. Each phase is kept at least
+    half a step long, which leaves every schedule of more than a few steps as it was.
+    """
+    total = max(2, steps)
+    pct = min(max(min(0.3, 1.0 / epochs), 1.5 / total), (total - 0.5) / total)
+    return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=max_lr, total_steps=total, pct_start=pct)
 
 
 def _mii_similarity(model: NcleanerModel, data: TrainingSet, batch_size: int) -> np.ndarray:

@@ -27,3 +27,30 @@ def test_fit_with_between_one_and_two_batches_of_pairs(small_shards, tmp_path):
     run_cli("fit", small_shards / "00000.tar", "--out", out, "--epochs", "1", "--warmup-epochs", "0",
             "--batch-size", "24", "--quiet")  # fmt: skip
     assert (out / "config.json").is_file()
+
+
+@pytest.mark.parametrize("epochs", [1, 3, 4, 12])
+def test_fit_on_fewer_pairs_than_two_batches_with_default_epochs(small_shards, tmp_path, epochs):
+    # 32 pairs at the default batch size 128 is one step per epoch: with 4 or more epochs the
+    # schedule's warm-up was exactly one step long and OneCycleLR raised ZeroDivisionError.
+    out = tmp_path / "model"
+    run_cli("fit", small_shards / "00000.tar", "--out", out, "--epochs", str(epochs),
+            "--warmup-epochs", str(min(3, epochs - 1)), "--quiet")  # fmt: skip
+    assert (out / "config.json").is_file()
+
+
+@pytest.mark.parametrize("steps", [1, 2, 3, 4, 12, 180])
+@pytest.mark.parametrize("epochs", [1, 4, 12])
+def test_learning_rate_schedule_has_any_length(steps, epochs):
+    import torch
+
+    from ncleaner.train import one_cycle
+
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+    schedule = one_cycle(optimizer, [1e-3], steps, epochs)
+    rates = []
+    for _ in range(steps):
+        optimizer.step()
+        schedule.step()
+        rates.append(optimizer.param_groups[0]["lr"])
+    assert all(np.isfinite(rates)) and max(rates) <= 1e-3 + 1e-12
