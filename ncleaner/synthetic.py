@@ -62,21 +62,46 @@ FILLERS = (
     "best seller",
     "limited offer today",
 )
+# A second kind of caption clutter, for pools that differ from what a backbone was pretrained on
+# (web-shop and social boilerplate). No phrase is one of FILLERS, nor one of inject-noise's
+# boilerplate captions, so "clutter the backbone never saw" stays apart from "a caption of noise".
+SITE_TAGS = (
+    "via pinterest",
+    "| example-shop.com",
+    "#geometry #shapes #flat",
+    "vector illustration",
+    "hd 4k",
+    "trending now",
+    "from our spring catalogue",
+    "as seen on tv",
+    "rated 4.8 by buyers",
+    "printable pdf included",
+    "link in bio",
+    "editor's pick",
+)
+# What each clutter style puts behind the objects and around the caption (docs/design.md section 9.2).
+CLUTTER_STYLES = {"stripes": FILLERS, "blobs": SITE_TAGS}
 
 
 @dataclass(frozen=True)
 class SceneGenerator:
     """One or two coloured shapes, described left to right.
 
-    ``image_clutter`` draws a random noisy, striped background; ``text_clutter``
-    adds filler phrases to the caption. Both are MEI: present in one modality,
-    absent from the other.
+    ``image_clutter`` draws a random textured background; ``text_clutter`` adds
+    phrases to the caption. Both are MEI: present in one modality, absent from the
+    other. ``clutter`` picks their kind (``CLUTTER_STYLES``): ``stripes`` (noisy
+    striped backgrounds, ``FILLERS``) or ``blobs`` (soft muted blobs, ``SITE_TAGS``).
     """
 
     image_size: int = 64
     max_objects: int = 2
     image_clutter: bool = True
     text_clutter: bool = True
+    clutter: str = "stripes"
+
+    def __post_init__(self):
+        if self.clutter not in CLUTTER_STYLES:
+            raise ValueError(f"unknown clutter style {self.clutter!r} (one of {', '.join(CLUTTER_STYLES)})")
 
     def render(self, rng: np.random.Generator) -> tuple[Image.Image, str]:
         """One (image, caption) pair drawn with ``rng``."""
@@ -100,6 +125,8 @@ class SceneGenerator:
         s = self.image_size
         if not self.image_clutter:
             return Image.new("RGB", (s, s), (128, 128, 128))
+        if self.clutter == "blobs":
+            return _blobs(s, rng)
         base = rng.uniform(70, 190)
         pixels = base + rng.normal(0.0, rng.uniform(4, 16), size=(s, s, 1))
         # Faint stripes in a random desaturated tint: texture the caption never mentions.
@@ -122,7 +149,7 @@ class SceneGenerator:
         """Filler phrases around the caption: text-side MEI that no image shows."""
         if self.text_clutter:
             for _ in range(int(rng.integers(0, 3))):
-                filler = str(rng.choice(FILLERS))
+                filler = str(rng.choice(CLUTTER_STYLES[self.clutter]))
                 text = f"{filler}, {text}" if rng.random() < 0.5 else f"{text}, {filler}"
         return text
 
@@ -213,6 +240,58 @@ class HardSceneGenerator(SceneGenerator):
         return text
 
 
+@dataclass(frozen=True)
+class LayoutGenerator(SceneGenerator):
+    """One to three objects of two sizes in three horizontal bands, captioned band by band.
+
+    What it shows (sizes, vertical layout) and how it writes ("at the top: a large
+    green square; in the middle: ...") differ from the other families. No default
+    was tuned on it and the benchmark's pretrained backbone never saw it: it is
+    the family that shows whether a setting carries over (docs/design.md section 9.2).
+    """
+
+    max_objects: int = 3
+
+    def _scene(self, rng: np.random.Generator) -> tuple[Image.Image, list[tuple[str, str, str, str]]]:
+        n = int(rng.integers(1, self.max_objects + 1))
+        bands = sorted(int(b) for b in rng.permutation(3)[:n])
+        image = self._background(rng)
+        draw = ImageDraw.Draw(image)
+        objects = []
+        for band in bands:
+            color, shape = str(rng.choice(list(COLORS))), str(rng.choice(SHAPES))
+            size = "large" if rng.random() < 0.5 else "small"
+            radius = (0.14 if size == "large" else 0.07) * self.image_size * float(rng.uniform(0.9, 1.1))
+            cx = float(rng.uniform(0.25, 0.75)) * self.image_size
+            cy = (band + 0.5) / 3 * self.image_size
+            _draw_shape(draw, shape, cx, cy, radius, COLORS[color])
+            objects.append((size, color, shape, LAYOUT_BANDS[band]))
+        return image, objects
+
+    def _caption(self, objects, rng: np.random.Generator) -> str:
+        parts = [f"{band}: {_article(size)} {size} {color} {shape}" for size, color, shape, band in objects]
+        if rng.random() < 0.3:
+            parts.reverse()
+        return "; ".join(parts)
+
+
+LAYOUT_BANDS = ("at the top", "in the middle", "at the bottom")
+
+
+def _blobs(size: int, rng: np.random.Generator) -> Image.Image:
+    """A light background of a few soft, desaturated blobs: the ``blobs`` clutter style."""
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float64) / size
+    pixels = np.full((size, size, 3), rng.uniform(90, 200))
+    for _ in range(int(rng.integers(3, 7))):
+        cx, cy, r = rng.uniform(0, 1), rng.uniform(0, 1), rng.uniform(0.1, 0.35)
+        bump = np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / (2 * r * r))
+        gray = rng.uniform(-60, 60)
+        tint = gray + rng.uniform(-15, 15, size=3)  # close to gray, so no blob reads as an object's colour
+        pixels = pixels + bump[..., None] * tint
+    pixels = pixels + rng.normal(0.0, 3.0, size=(size, size, 1))
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "RGB")
+
+
 def _article(word: str) -> str:
     return "an" if word[0] in "aeiou" else "a"
 
@@ -236,14 +315,21 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: 
         raise ValueError(f"unknown shape {shape!r}")
 
 
-GENERATORS = {"scenes": SceneGenerator, "paraphrase": ParaphraseGenerator, "hard": HardSceneGenerator}
+GENERATORS = {
+    "scenes": SceneGenerator,
+    "paraphrase": ParaphraseGenerator,
+    "hard": HardSceneGenerator,
+    "layout": LayoutGenerator,
+}
 
 
-def make_generator(name: str, image_clutter: bool = True, text_clutter: bool = True) -> SceneGenerator:
-    """A generator by name (``scenes``, ``paraphrase``, ``hard``), clutter on each side switchable."""
+def make_generator(
+    name: str, image_clutter: bool = True, text_clutter: bool = True, clutter: str = "stripes"
+) -> SceneGenerator:
+    """A generator by name (``GENERATORS``), clutter on each side switchable, of style ``clutter``."""
     if name not in GENERATORS:
         raise ValueError(f"unknown generator {name!r} (one of {', '.join(GENERATORS)})")
-    return GENERATORS[name](image_clutter=image_clutter, text_clutter=text_clutter)
+    return GENERATORS[name](image_clutter=image_clutter, text_clutter=text_clutter, clutter=clutter)
 
 
 def write_synthetic_shards(

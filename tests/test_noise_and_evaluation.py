@@ -211,3 +211,30 @@ def test_missing_truth_file_is_a_one_line_error(small_shards, small_model, tmp_p
     run_cli("score", small_shards, "--model", small_model, "--out", tmp_path / "r", "--quiet")
     result = run_cli("evaluate", "--report", tmp_path / "r", "--truth", tmp_path / "none.parquet", ok=False)
     assert result.exit_code != 0 and "no such ground-truth file" in result.output
+
+
+@pytest.mark.parametrize("name", sorted(GENERATORS))
+def test_blobs_clutter_style_uses_its_own_phrases_and_background(name):
+    from ncleaner.synthetic import FILLERS, SITE_TAGS
+
+    rng = np.random.default_rng(5)
+    captions = [make_generator(name, clutter="blobs").render(rng)[1] for _ in range(60)]
+    assert any(tag in c for c in captions for tag in SITE_TAGS)
+    assert not any(f in c for c in captions for f in FILLERS)
+    stripes, _ = make_generator(name).render(np.random.default_rng(1))
+    blobs, _ = make_generator(name, clutter="blobs").render(np.random.default_rng(1))
+    assert stripes.tobytes() != blobs.tobytes()
+    with pytest.raises(ValueError, match="clutter style"):
+        make_generator(name, clutter="confetti")
+
+
+def test_layout_family_captions_name_size_and_band_of_every_object():
+    rng = np.random.default_rng(0)
+    for _ in range(30):
+        _, caption = make_generator("layout", text_clutter=False).render(rng)
+        parts = caption.split("; ")
+        assert 1 <= len(parts) <= 3
+        for part in parts:
+            band, _, thing = part.partition(": ")
+            assert band in ("at the top", "in the middle", "at the bottom")
+            assert thing.split()[1] in ("large", "small")
