@@ -79,7 +79,7 @@ SITE_TAGS = (
     "link in bio",
     "editor's pick",
 )
-# What each clutter style puts behind the objects and around the caption (docs/design.md section 9.2).
+# What each clutter style puts behind the objects and around the caption (docs/design.md section 9.4).
 CLUTTER_STYLES = {"stripes": FILLERS, "blobs": SITE_TAGS}
 
 
@@ -247,7 +247,7 @@ class LayoutGenerator(SceneGenerator):
     What it shows (sizes, vertical layout) and how it writes ("at the top: a large
     green square; in the middle: ...") differ from the other families. No default
     was tuned on it and the benchmark's pretrained backbone never saw it: it is
-    the family that shows whether a setting carries over (docs/design.md section 9.2).
+    the family that shows whether a setting carries over (docs/design.md section 9.4).
     """
 
     max_objects: int = 3

@@ -32,6 +32,7 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 
 from ncleaner import losses
 from ncleaner.config import DisNCLConfig
+from ncleaner.embeddings import open_for_model
 from ncleaner.evaluate import encode_shards, kept_set_metrics, retrieval_metrics, truth_from_file
 from ncleaner.mixture import TwoComponentMixture
 from ncleaner.model import NcleanerModel
@@ -179,10 +180,12 @@ def run_method(method: str, rate: float, noisy_dir: Path, work: Path, args) -> l
 
 
 @torch.no_grad()
-def per_pair_loss(model_dir: Path, shards: Path, config: DisNCLConfig) -> np.ndarray:
-    """NCR's statistic: each pair's InfoNCE loss within fixed random batches of the training size."""
+def per_pair_loss(model_dir: Path, shards: Path, config: DisNCLConfig, *, store: Path | None = None) -> np.ndarray:
+    """NCR's statistic: each pair's InfoNCE loss within fixed random batches of the training size
+    (features read from the embeddings directory ``store`` when given)."""
     model = NcleanerModel.load(model_dir, "cpu")
-    f_v, f_t, _ = encode_shards(model, str(shards))
+    embeddings = open_for_model(store, model.config, create=False) if store else None
+    f_v, f_t, _ = encode_shards(model, str(shards), store=embeddings)
     v_s, t_s = model.heads.mii(f_v, f_t)
     order = torch.from_numpy(np.random.default_rng(config.seed).permutation(len(v_s)))
     loss = torch.empty(len(v_s))
