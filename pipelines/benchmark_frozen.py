@@ -247,8 +247,9 @@ def main() -> None:
     parser.add_argument("--regimes", default="seen,unseen")
     parser.add_argument("--families", default="scenes,paraphrase,hard,layout")
     parser.add_argument("--main-family", default="scenes", help="family of the rate x mode table")
+    parser.add_argument("--family-modes", default="mix", help="noise modes of the other families' pools")
     parser.add_argument("--ablations", action=argparse.BooleanOptionalAction, default=True)
-    parser.add_argument("--downstream-steps", type=int, default=240, help="optimiser steps per downstream model")
+    parser.add_argument("--downstream-steps", type=int, default=80, help="optimiser steps per downstream model")
     parser.add_argument("--downstream-seeds", default="1,2,3", help="'' to skip the downstream step")
     parser.add_argument("--test-size", type=int, default=1000, help="clean held-out pairs for downstream retrieval")
     parser.add_argument("--pretrain-pairs", type=int, default=PretrainSettings.pairs)
@@ -285,13 +286,14 @@ def main() -> None:
     for regime in regimes:
         for seed in seeds:
             for family in families:
-                for rate in rates if family == args.main_family else [r for r in rates if r == 0.4] or rates[:1]:
-                    for mode in modes:
+                main = family == args.main_family
+                for rate in rates if main else [r for r in rates if r == 0.4] or rates[:1]:
+                    for mode in modes if main else [m for m in modes if m in args.family_modes.split(",")]:
                         pool = Pool(regime, family, args.size, rate, mode, seed)
                         ablate = args.ablations and family == args.main_family and rate == 0.4 and mode == "mix"
                         tasks[pool] = tuple(METHODS) if ablate else MAIN_METHODS
             for size in [int(s) for s in args.sizes.split(",") if s and seed == seeds[0]]:
-                tasks.setdefault(Pool(regime, args.main_family, size, 0.4, "mix", seed), MAIN_METHODS)
+                tasks.setdefault(Pool(regime, args.main_family, size, 0.4, "mix", seed), ("DisNCL",))
     for pool in tasks:
         clean_pool(work, pool.regime, pool.family, pool.size, pool.seed, 500)
 
