@@ -73,3 +73,16 @@ def test_quick_frozen_benchmark_produces_every_table(tmp_path):
     assert all(r["kept_noisy"] == 0 and r["kept"] == 144 for r in oracle)  # 240 pairs, 40 % noisy
     assert all(r["kept"] == 144 for r in down if "top share" in r["kept_by"])
     assert all(r["rsum"] >= 0 for r in down)
+    # The two analysis scripts run on the pools the benchmark left behind.
+    pool = "unseen-scenes-240-s1-mix-0.4"
+    probe = subprocess.run(
+        [sys.executable, "pipelines/probe_subspaces.py", str(tmp_path / "work"), pool],
+        cwd=REPO, env=env, check=True, capture_output=True, text=True,
+    )  # fmt: skip
+    assert all(name in probe.stdout for name in ("F_T (backbone)", "T_S (MII)", "T_X (MEI)"))
+    tune = subprocess.run(
+        [sys.executable, "pipelines/tune_frozen.py", str(tmp_path / "work"), pool, '{"lr": 1e-4}',
+         "--scratch", str(tmp_path / "tune")],
+        cwd=REPO, env=env, check=True, capture_output=True, text=True,
+    )  # fmt: skip
+    assert tune.stdout.startswith('{"lr": 1e-4}') and "mii_sim - clip_sim per pool" in tune.stdout
