@@ -222,44 +222,60 @@ def _get(ray, ref, url: str):
         ) from None
 
 
-class _ScoreWorker:
-    """A Ray actor: the model loaded once, then ``run`` scores and writes one shard per call."""
+class _ShardWorker:
+    """What every ncleaner Ray actor does: set up once (``_setup``: a model, a backbone), then
+    one shard per ``run`` call (``_shard``).
 
-    def __init__(self, model_dir: str, out_dir: str, store, options: dict):
+    A setup that fails with an NcleanerError is kept and answered to the driver as
+    ``{"fatal": message}`` on the first call, one line rather than an actor-creation
+    traceback; so is an NcleanerError from a shard (non-finite features, a refused model).
+    """
+
+    def __init__(self, *args):
         import torch
 
+        torch.set_num_threads(1)  # one CPU declared, one used by torch; decoding has two threads
+        self.failure = None
+        try:
+            self._setup(*args)
+        except NcleanerError as exc:
+            self.failure = str(exc)
+
+    def run(self, url: str, name: str) -> dict:
+        if self.failure:
+            return {"fatal": self.failure}
+        try:
+            return self._shard(url, name)
+        except NcleanerError as exc:
+            return {"fatal": str(exc)}
+
+
+class _ScoreWorker(_ShardWorker):
+    """The model loaded once; each shard scored and its report part and marker written."""
+
+    def _setup(self, model_dir: str, out_dir: str, store, options: dict) -> None:
         from .backbone import resolve_device
         from .model import NcleanerModel
 
-        torch.set_num_threads(1)  # one CPU declared, one used by torch; decoding has two threads
-        self.out, self.store, self.options, self.failure = Path(out_dir), store, options, None
-        try:
-            device = resolve_device(_worker_device(options["device"]))
-            self.model = NcleanerModel.load(model_dir, device, allow_download=options["allow_download"])
-        except NcleanerError as exc:
-            self.failure = str(exc)  # answered to the driver as one line, not an actor-creation traceback
+        self.out, self.store, self.options = Path(out_dir), store, options
+        device = resolve_device(_worker_device(options["device"]))
+        self.model = NcleanerModel.load(model_dir, device, allow_download=options["allow_download"])
 
-    def run(self, url: str, name: str) -> dict:
+    def _shard(self, url: str, name: str) -> dict:
         from .embeddings import model_features
         from .report import write_shard_report
 
-        if self.failure:
-            return {"fatal": self.failure}
         o = self.options
-        try:
-            stream = model_features(
-                self.model,
-                [url],
-                [name],
-                store=self.store,
-                batch_size=o["batch_size"],
-                workers=0,
-                max_pixels=o["max_image_pixels"],
-            )
-            features = next(stream)
-            return write_shard_report(self.model, features, self.out, name, keep_json_fields=o["keep_json_fields"])
-        except NcleanerError as exc:
-            return {"fatal": str(exc)}
+        stream = model_features(
+            self.model,
+            [url],
+            [name],
+            store=self.store,
+            batch_size=o["batch_size"],
+            workers=0,
+            max_pixels=o["max_image_pixels"],
+        )
+        return write_shard_report(self.model, next(stream), self.out, name, keep_json_fields=o["keep_json_fields"])
 
 
 def score_on_ray(
@@ -302,51 +318,40 @@ def score_on_ray(
     return answers
 
 
-class _EmbedWorker:
-    """A Ray actor: the backbone built once, then ``run`` encodes and stores one shard per call."""
+class _EmbedWorker(_ShardWorker):
+    """The backbone built once; each shard encoded and its embeddings part written."""
 
-    def __init__(self, store, options: dict):
-        import torch
-
+    def _setup(self, store, options: dict) -> None:
         from .backbone import build_backbone, download_reason, resolve_device
         from .encode import Encoder
 
-        torch.set_num_threads(1)
-        self.store, self.options, self.failure = store, options, None
+        self.store, self.options = store, options
         backbone, pretrained = options["backbone"], options["pretrained"]
-        try:
-            reason = None if options["allow_download"] else download_reason(backbone, pretrained)
-            if reason:
-                raise NcleanerError(
-                    f"{backbone}: {reason} on a Ray worker ({socket.gethostname()}); "
-                    "nothing is downloaded unless allowed (pass --allow-download)"
-                )
-            device = resolve_device(_worker_device(options["device"]))
-            self.model = build_backbone(backbone, pretrained, device)
-            source = f"backbone {backbone} ({pretrained})"
-            self.encoder = Encoder(self.model, device, precision=options["precision"], source=source)
-        except NcleanerError as exc:
-            self.failure = str(exc)
+        reason = None if options["allow_download"] else download_reason(backbone, pretrained)
+        if reason:
+            raise NcleanerError(
+                f"{backbone}: {reason} on a Ray worker ({socket.gethostname()}); "
+                "nothing is downloaded unless allowed (pass --allow-download)"
+            )
+        device = resolve_device(_worker_device(options["device"]))
+        self.model = build_backbone(backbone, pretrained, device)
+        source = f"backbone {backbone} ({pretrained})"
+        self.encoder = Encoder(self.model, device, precision=options["precision"], source=source)
 
-    def run(self, url: str, name: str) -> dict:
+    def _shard(self, url: str, name: str) -> dict:
         from .embeddings import compute_features, write_embedding_part
 
-        if self.failure:
-            return {"fatal": self.failure}
         o = self.options
-        try:
-            stream = compute_features(
-                [url],
-                self.encoder,
-                preprocess=self.model.preprocess,
-                tokenizer=self.model.tokenizer,
-                batch_size=o["batch_size"],
-                workers=0,
-                max_pixels=o["max_image_pixels"],
-            )
-            return write_embedding_part(self.store, name, next(stream))
-        except NcleanerError as exc:
-            return {"fatal": str(exc)}
+        stream = compute_features(
+            [url],
+            self.encoder,
+            preprocess=self.model.preprocess,
+            tokenizer=self.model.tokenizer,
+            batch_size=o["batch_size"],
+            workers=0,
+            max_pixels=o["max_image_pixels"],
+        )
+        return write_embedding_part(self.store, name, next(stream))
 
 
 def embed_on_ray(
