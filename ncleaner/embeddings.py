@@ -42,7 +42,7 @@ from .config import DEFAULT_MAX_IMAGE_PIXELS
 from .decode import by_shard, decode_blocks, default_workers, image_member, read_text_fields
 from .distributed import check_engine
 from .encode import Encoder
-from .errors import NcleanerError, UnreadableShard, first_line
+from .errors import NcleanerError, UnreadableShard, first_line, settle_unreadable
 from .shards import expand_shards, read_shard, shard_names
 from .writer import atomic_write, output_error, remove_stale_partials, write_json
 
@@ -681,11 +681,7 @@ def record_embedding(result: EmbedResult, done: dict, *, on_bad_shard: str) -> N
     """Count one shard (``write_embedding_part``'s answer) into ``result``; an unreadable one
     stops the run (``fail``) or is listed in ``failed_shards`` (``skip``)."""
     url = done["shard"]
-    if "error" in done:
-        if on_bad_shard == "fail":
-            raise UnreadableShard(done["error"])
-        logger.warning("skipped %s", done["error"])
-        result.failed_shards[url] = done["error"]
+    if settle_unreadable(done, on_bad_shard, result.failed_shards, logger):
         return
     result.statuses.update(done["statuses"])
     result.embedded_shards.append(url)

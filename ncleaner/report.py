@@ -27,7 +27,7 @@ from .backbone import resolve_device
 from .decode import DEFAULT_MAX_IMAGE_PIXELS, default_workers
 from .distributed import check_engine
 from .embeddings import ShardFeatures, model_features, open_for_model
-from .errors import NcleanerError, UnreadableShard
+from .errors import NcleanerError, settle_unreadable
 from .model import NcleanerModel
 from .schema import SCORE_COLUMNS, failed_marker, report_paths, report_schema
 from .shards import expand_shards, shard_names
@@ -215,12 +215,8 @@ def record_shard(result: ScoreResult, done: dict, out_dir: Path, name: str, *, o
     and left for the next run to try again (``skip``).
     """
     url = done["shard"]
-    if "error" in done:
-        if on_bad_shard == "fail":
-            raise UnreadableShard(done["error"])
-        logger.warning("skipped %s", done["error"])
+    if settle_unreadable(done, on_bad_shard, result.failed_shards, logger):
         write_json(failed_marker(out_dir, name), {"shard": url, "reason": done["error"]})
-        result.failed_shards[url] = done["error"]
         return
     result.scored_shards.append(url)
     result.rows += done["rows"]
