@@ -42,14 +42,17 @@ def truth_from_report(report: pd.DataFrame, field: str = "ncleaner_noisy") -> np
     return values.to_numpy(dtype=bool)
 
 
-def detection_metrics(report: pd.DataFrame, noisy: np.ndarray) -> dict[str, dict[str, float]]:
-    """AUROC and average precision of each score column at detecting noisy pairs (ok rows only)."""
+def detection_metrics(
+    report: pd.DataFrame, noisy: np.ndarray, *, columns: Sequence[str] = SCORE_COLUMNS
+) -> dict[str, dict[str, float]]:
+    """AUROC and average precision of each of ``columns`` the report has (the score columns, or
+    others a benchmark adds) at detecting noisy pairs, low values being suspicious (ok rows only)."""
     ok = (report["status"] == schema.OK).to_numpy()
     y = noisy[ok]
     if y.all() or not y.any():
         raise NcleanerError("ground truth needs both noisy and clean scored pairs")
     out = {}
-    for column in SCORE_COLUMNS:
+    for column in columns:
         if column in report.columns:
             suspicion = -report.loc[ok, column].to_numpy(dtype=np.float64)
             out[column] = {
@@ -60,7 +63,12 @@ def detection_metrics(report: pd.DataFrame, noisy: np.ndarray) -> dict[str, dict
 
 
 def detection_by_kind(
-    report: pd.DataFrame, noisy: np.ndarray, kinds: np.ndarray, source: str = "noise kinds"
+    report: pd.DataFrame,
+    noisy: np.ndarray,
+    kinds: np.ndarray,
+    source: str = "noise kinds",
+    *,
+    columns: Sequence[str] = SCORE_COLUMNS,
 ) -> dict[str, dict]:
     """``detection_metrics`` per noise kind: each on the clean pairs plus the noisy pairs of that kind.
 
@@ -87,7 +95,7 @@ def detection_by_kind(
         rows = ~noisy | (kinds == kind)
         scored = int((ok & noisy & rows).sum())
         if scored:
-            out[kind] = {"noisy": scored, "columns": detection_metrics(report[rows], noisy[rows])}
+            out[kind] = {"noisy": scored, "columns": detection_metrics(report[rows], noisy[rows], columns=columns)}
     return out
 
 

@@ -41,7 +41,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from sklearn.metrics import average_precision_score, roc_auc_score
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchmark_noise import METHODS, NCR, per_pair_loss  # noqa: E402
@@ -50,7 +49,7 @@ from pretrain_backbone import PretrainSettings, checkpoint, train_contrastive, z
 from ncleaner.config import DisNCLConfig  # noqa: E402
 from ncleaner.decode import image_member, read_text_fields  # noqa: E402
 from ncleaner.embeddings import embed  # noqa: E402
-from ncleaner.evaluate import noise_kinds_from_file, truth_from_file  # noqa: E402
+from ncleaner.evaluate import detection_by_kind, detection_metrics, noise_kinds_from_file, truth_from_file  # noqa: E402
 from ncleaner.noise import TRUTH_FILE, inject_noise  # noqa: E402
 from ncleaner.report import read_report, score  # noqa: E402
 from ncleaner.shards import expand_shards, read_shards  # noqa: E402
@@ -115,27 +114,20 @@ def run_pool(pool: Pool, methods: tuple[str, ...], work: Path, base: DisNCLConfi
         else:
             columns = ["score"]
         kinds = noise_kinds_from_file(report, noisy_dir / TRUTH_FILE)
+        overall = detection_metrics(report, noisy, columns=columns)
+        by_kind = detection_by_kind(report, noisy, kinds, columns=columns) if kinds is not None else {}
         for column in columns:
-            row = {
-                **asdict(pool),
-                "method": "clip_sim (frozen backbone)" if column == "clip_sim" else method,
-                "column": column,
-                **detection(report[column].to_numpy(), noisy),
-                "fit_seconds": fit_seconds,
-            }
-            # Each kind against all clean pairs, as ``evaluate`` breaks it down.
-            for kind in sorted({k for k in kinds if k is not None} if kinds is not None else ()):
-                rows_of_kind = ~noisy | (kinds == kind)
-                values = report[column].to_numpy()[rows_of_kind]
-                row[f"auroc_{kind}"] = detection(values, noisy[rows_of_kind])["auroc"]
-            rows.append(row)
+            rows.append(
+                {
+                    **asdict(pool),
+                    "method": "clip_sim (frozen backbone)" if column == "clip_sim" else method,
+                    "column": column,
+                    **overall[column],
+                    "fit_seconds": fit_seconds,
+                    **{f"auroc_{kind}": k["columns"][column]["auroc"] for kind, k in by_kind.items()},
+                }
+            )
     return rows
-
-
-def detection(values: np.ndarray, noisy: np.ndarray) -> dict[str, float]:
-    """AUROC and AP of detecting the noisy pairs, low values being suspicious."""
-    suspicion = -np.asarray(values, dtype=np.float64)
-    return {"auroc": float(roc_auc_score(noisy, suspicion)), "ap": float(average_precision_score(noisy, suspicion))}
 
 
 def _slug(text: str) -> str:

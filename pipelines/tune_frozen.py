@@ -23,14 +23,19 @@ import pandas as pd
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchmark_frozen import detection  # noqa: E402
-
 from ncleaner.config import DisNCLConfig  # noqa: E402
+from ncleaner.evaluate import (  # noqa: E402
+    detection_by_kind,
+    detection_metrics,
+    noise_kinds_from_file,
+    truth_from_file,
+)
 from ncleaner.noise import TRUTH_FILE  # noqa: E402
 from ncleaner.report import read_report, score  # noqa: E402
 from ncleaner.train import fit  # noqa: E402
 
 COLUMNS = ("clip_sim", "mii_sim", "soft_agreement", "score")
+NEAR_MISSES = ("hard", "partial")
 
 
 def evaluate_variant(work: Path, pools: list[str], overrides: dict, scratch: Path) -> pd.DataFrame:
@@ -47,14 +52,14 @@ def evaluate_variant(work: Path, pools: list[str], overrides: dict, scratch: Pat
         fit(str(noisy_dir), scratch / "model", config, force=True, embeddings=store, workers=0)
         score(str(noisy_dir), scratch / "model", scratch / "report", overwrite=True, embeddings=store, workers=0)
         report = read_report(scratch / "report")
-        truth = pd.read_parquet(noisy_dir / TRUTH_FILE).set_index("key").loc[report["key"]]
-        noisy, kinds = truth["noisy"].to_numpy(bool), truth["kind"].fillna("").to_numpy(object)
-        row = {"pool": tag, **{c: detection(report[c].to_numpy(), noisy)["auroc"] for c in COLUMNS}}
-        for kind in ("hard", "partial"):
-            if (kinds == kind).any():
-                rows_of_kind = ~noisy | (kinds == kind)
-                for c in ("clip_sim", "mii_sim"):
-                    row[f"{c}_{kind}"] = detection(report[c].to_numpy()[rows_of_kind], noisy[rows_of_kind])["auroc"]
+        noisy = truth_from_file(report, noisy_dir / TRUTH_FILE)
+        kinds = noise_kinds_from_file(report, noisy_dir / TRUTH_FILE)
+        row = {"pool": tag, **{c: m["auroc"] for c, m in detection_metrics(report, noisy, columns=COLUMNS).items()}}
+        by_kind = detection_by_kind(report, noisy, kinds, columns=COLUMNS) if kinds is not None else {}
+        for kind in NEAR_MISSES:
+            for c in ("clip_sim", "mii_sim"):
+                if kind in by_kind:
+                    row[f"{c}_{kind}"] = by_kind[kind]["columns"][c]["auroc"]
         rows.append(row)
     return pd.DataFrame(rows)
 
