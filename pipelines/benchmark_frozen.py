@@ -172,7 +172,7 @@ def downstream(pool: Pool, work: Path, test_dir: Path, *, steps: int, batch_size
     _, test_images, test_captions = read_pairs(test_dir)
     rows = []
     for name, kept in selectors.items():
-        model = train_contrastive(
+        backbone = train_contrastive(
             "ncleaner-tiny",
             [images[i] for i in kept],
             [captions[i] for i in kept],
@@ -182,7 +182,7 @@ def downstream(pool: Pool, work: Path, test_dir: Path, *, steps: int, batch_size
             seed=pool.seed,
             steps=steps,
         )
-        recall = zero_shot_recall(model, "ncleaner-tiny", test_images, test_captions)
+        recall = zero_shot_recall(backbone, test_images, test_captions)
         rows.append(
             {**asdict(pool), "kept_by": name, "kept": len(kept), "kept_noisy": int(noisy[kept].sum()), **recall}
         )

@@ -34,7 +34,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from ncleaner.backbone import build_backbone
+from ncleaner.backbone import Backbone, build_backbone
 from ncleaner.encode import encode_text
 from ncleaner.evaluate import recall_at_k
 from ncleaner.synthetic import make_generator
@@ -103,12 +103,12 @@ def train_contrastive(
     lr: float,
     seed: int,
     steps: int | None = None,
-) -> torch.nn.Module:
+) -> Backbone:
     """A randomly initialised open_clip model trained with CLIP's symmetric InfoNCE
     (``open_clip.ClipLoss``) on the pairs: AdamW, linear warm-up over the first 5 %
     of steps, cosine decay. ``steps`` fixes the number of optimiser steps whatever
     the number of pairs (the downstream benchmark's equal budget); otherwise
-    ``epochs`` passes. Returns the model in eval mode.
+    ``epochs`` passes. Returns the backbone (its model in eval mode, with its preprocess and tokenizer).
     """
     torch.manual_seed(seed)
     backbone = build_backbone(backbone_name, None)
@@ -143,13 +143,14 @@ def train_contrastive(
         step += 1
         if step % max(1, per_epoch) == 0 or step == total:
             logger.info("step %d/%d loss %.3f", step, total, loss.item())
-    return model.eval()
+    model.eval()
+    return backbone
 
 
 @torch.no_grad()
-def zero_shot_recall(model: torch.nn.Module, backbone_name: str, images, captions) -> dict[str, float]:
-    """Image-to-text and text-to-image R@1/5/10 of ``model`` on clean pairs (a sanity figure)."""
-    backbone = build_backbone(backbone_name, None)
+def zero_shot_recall(backbone: Backbone, images, captions) -> dict[str, float]:
+    """Image-to-text and text-to-image R@1/5/10 of ``backbone`` on clean pairs."""
+    model = backbone.model
     f_v = torch.nn.functional.normalize(
         model.encode_image(torch.stack([backbone.preprocess(i) for i in images])), dim=-1
     )
@@ -178,7 +179,7 @@ def pretrain(settings: PretrainSettings, out: Path) -> Path:
             image_clutter=settings.image_clutter,
             text_clutter=settings.text_clutter,
         )
-        model = train_contrastive(
+        backbone = train_contrastive(
             settings.backbone,
             images,
             captions,
@@ -189,7 +190,7 @@ def pretrain(settings: PretrainSettings, out: Path) -> Path:
         )
     finally:
         torch.set_num_threads(threads)
-    save_checkpoint(model, out)
+    save_checkpoint(backbone.model, out)
     out.with_suffix(".json").write_text(json.dumps(asdict(settings), indent=1) + "\n")
     return out
 
@@ -219,10 +220,11 @@ def main() -> None:
     start = time.perf_counter()
     path = pretrain(settings, Path(args.out)) if args.out else checkpoint(settings)
     seconds = time.perf_counter() - start
-    model = build_backbone(settings.backbone, str(path)).model.eval()
+    backbone = build_backbone(settings.backbone, str(path))
+    backbone.model.eval()
     for family in ("scenes", "layout"):
         images, captions = render_pairs([family], 500, 999_999)
-        recall = zero_shot_recall(model, settings.backbone, images, captions)
+        recall = zero_shot_recall(backbone, images, captions)
         print(f"{family}: " + ", ".join(f"{k} {v:.1f}" for k, v in recall.items()))
     print(f"{path} ({seconds:.0f} s)")
 
