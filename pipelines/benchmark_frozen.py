@@ -76,22 +76,27 @@ class Pool:
 
     @property
     def name(self) -> str:
+        """The clean pool's name: the pools of every rate and mode share it."""
         return f"{self.regime}-{self.family}-{self.size}-s{self.seed}"
 
+    @property
+    def tag(self) -> str:
+        """This noisy pool's name (its shards, embeddings, models and reports in the workdir)."""
+        return f"{self.name}-{self.mode}-{self.rate}"
 
-def clean_pool(work: Path, regime: str, family: str, size: int, seed: int, shard_size: int) -> Path:
-    out = work / "clean" / f"{regime}-{family}-{size}-s{seed}"
+
+def clean_pool(work: Path, pool: Pool, shard_size: int) -> None:
+    out = work / "clean" / pool.name
     if not out.exists():
-        generator = make_generator(family, clutter=REGIMES[regime][0])
-        write_synthetic_shards(out, size, min(shard_size, size), 0.0, seed, generator)
-    return out
+        generator = make_generator(pool.family, clutter=REGIMES[pool.regime][0])
+        write_synthetic_shards(out, pool.size, min(shard_size, pool.size), 0.0, pool.seed, generator)
 
 
 def run_pool(pool: Pool, methods: tuple[str, ...], work: Path, base: DisNCLConfig) -> list[dict]:
     """Noise, embed, then fit and score every method; one row per (method, score column)."""
     torch.set_num_threads(1)
     backbone = base.pretrained
-    tag = f"{pool.name}-{pool.mode}-{pool.rate}"
+    tag = pool.tag
     noisy_dir = work / "noisy" / tag
     inject_noise(str(work / "clean" / pool.name), noisy_dir, rate=pool.rate, seed=pool.seed, mode=pool.mode, force=True)
     store = work / "embeddings" / tag
@@ -156,7 +161,7 @@ def downstream(pool: Pool, work: Path, test_dir: Path, *, steps: int, batch_size
     """Train ncleaner-tiny from scratch with the same step budget on the pairs each selector keeps
     at the true clean share, and measure retrieval on ``test_dir`` (clean held-out pairs)."""
     torch.set_num_threads(1)
-    tag = f"{pool.name}-{pool.mode}-{pool.rate}"
+    tag = pool.tag
     noisy_dir = work / "noisy" / tag
     report = read_report(work / "reports" / tag / _slug("DisNCL")).set_index("key")
     keys, images, captions = read_pairs(noisy_dir)
@@ -287,7 +292,7 @@ def main() -> None:
             for size in [int(s) for s in args.sizes.split(",") if s and seed == seeds[0]]:
                 tasks.setdefault(Pool(regime, args.main_family, size, 0.4, "mix", seed), ("DisNCL",))
     for pool in tasks:
-        clean_pool(work, pool.regime, pool.family, pool.size, pool.seed, 500)
+        clean_pool(work, pool, 500)
 
     rows: list[dict] = []
     with ProcessPoolExecutor(max_workers=args.jobs) as ex:
@@ -306,9 +311,9 @@ def main() -> None:
             for s in args.downstream_seeds.split(",")
             if s
         ]
-        down_pools = [p for p in down_pools if p in tasks and args.downstream_seeds]
+        down_pools = [p for p in down_pools if p in tasks]
         tests = {}
-        for regime in regimes:
+        for regime in {p.regime for p in down_pools}:
             tests[regime] = work / "test" / regime
             if not tests[regime].exists():
                 write_synthetic_shards(
