@@ -14,7 +14,7 @@ progress bar unless ``progress=True``.
 
 from importlib import import_module
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 _API = {
     "fit": "ncleaner.train",

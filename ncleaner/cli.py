@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import json
 import logging
 import math
@@ -15,7 +16,7 @@ from click.core import ParameterSource
 
 from . import __version__
 from .config import DEFAULT_MAX_IMAGE_PIXELS, PRECISIONS, TRAIN_BACKBONE_CHOICES, DisNCLConfig
-from .errors import NcleanerError, first_line
+from .errors import NcleanerError, first_line, printable
 from .schema import OK, SCORE_COLUMNS, TRUNCATED_SHARD
 
 EXIT_INTERRUPTED = 130
@@ -55,21 +56,36 @@ class _EchoHandler(logging.Handler):
 
 def verbosity(command):
     """``-q`` / ``-v`` for a command: they set how much of the library's log shows, and whether
-    progress bars do; the command receives ``progress``.
+    progress bars do; a command with a ``progress`` parameter receives it.
 
     The library itself logs through ``logging.getLogger(__name__)`` and shows no progress bar
-    unless asked: this is the one place that turns them on.
+    unless asked: this is the one place that turns them on. While the command runs the package's
+    records stop at this handler: open_clip logs through the root logger's module functions
+    (``logging.info``), which call ``logging.basicConfig()`` and so give the root a stderr
+    handler that would print every record a second time. The logger is restored afterwards, so
+    an in-process caller (a test, a notebook) keeps its own logging set-up.
     """
+
+    shows_progress = "progress" in inspect.signature(command).parameters
 
     @click.option("--quiet", "-q", is_flag=True, help="Warnings and errors only: no progress bars, no per-epoch lines.")
     @click.option("--verbose", "-v", is_flag=True, help="Also debug messages.")
     @functools.wraps(command)
     def wrapper(*args, quiet: bool, verbose: bool, **kwargs):
         package = logging.getLogger("ncleaner")
-        if not any(isinstance(h, _EchoHandler) for h in package.handlers):
-            package.addHandler(_EchoHandler())
+        level, propagate = package.level, package.propagate
+        handler = _EchoHandler()
+        package.addHandler(handler)
         package.setLevel(logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO)
-        return command(*args, progress=not quiet, **kwargs)
+        package.propagate = False
+        try:
+            if shows_progress:
+                kwargs["progress"] = not quiet
+            return command(*args, **kwargs)
+        finally:
+            package.removeHandler(handler)
+            package.setLevel(level)
+            package.propagate = propagate
 
     return wrapper
 
@@ -361,14 +377,23 @@ def fit(
     )
     unused = sum(v for k, v in result.statuses.items() if k != OK)
     truncated = result.statuses.get(TRUNCATED_SHARD, 0)
-    sampled = result.pairs_used < result.statuses.get(OK, 0)
+    held = result.pairs_held_out
+    sampled = result.pairs_used + (0 if result.retrained else held) < result.statuses.get(OK, 0)
+    if result.retrained:
+        held_note = f" (a first training left {held} out for the self-check; this one used them all)"
+    else:
+        held_note = f", {held} held out for the self-check" if held else ""
     click.echo(
         f"model {result.model_id} saved to {result.model_dir}: trained on {result.pairs_used} pairs"
+        + held_note
         + (f" (a uniform sample of {result.statuses.get(OK, 0)})" if sampled else "")
         + (f" ({unused} could not be used)" if unused else "")
         + (f"; {truncated} pairs of truncated shards left out" if truncated else "")
         + _shard_notes(result.skipped_shards, [])
     )
+    if result.selfcheck is not None:
+        click.echo(f"self-check (AUROC of finding injected noise, held-out half B):\n{result.selfcheck.table()}")
+    click.echo(result.score_rule)
 
 
 def fit_config(ctx: click.Context, config_file: str | None, options: dict, overrides: tuple[str, ...]) -> DisNCLConfig:
@@ -650,14 +675,14 @@ def _reasons(by_reason: dict[str, int]) -> str:
 
 def _dry_run_table(result) -> str:
     """One line per shard: input, kept (of which by override), rejected with the reasons."""
-    width = max([len("shard"), *(len(u) for u in result.per_shard)])
+    shown = {url: printable(url) for url in result.per_shard}
+    width = max([len("shard"), *map(len, shown.values())])
     lines = [f"{'shard':<{width}}  {'input':>7}  {'kept':>7}  {'rejected':>8}  reasons"]
     for url, c in result.per_shard.items():
         rejected = sum(c["rejected_by_reason"].values())
         kept = f"{c['kept']}" + (f" ({c['kept_by_override']} by override)" if c["kept_by_override"] else "")
-        lines.append(
-            f"{url:<{width}}  {c['input']:>7}  {kept:>7}  {rejected:>8}  {_reasons(c['rejected_by_reason']) or '-'}"
-        )
+        reasons = _reasons(c["rejected_by_reason"]) or "-"
+        lines.append(f"{shown[url]:<{width}}  {c['input']:>7}  {kept:>7}  {rejected:>8}  {reasons}")
     return "\n".join(lines)
 
 
@@ -748,6 +773,7 @@ def inspect_cmd(shards, report_dir, out, threshold, keep_fraction, auto, column,
     is_flag=True,
     help="Replace what an earlier inject-noise run wrote to --out (only the files its manifest lists).",
 )
+@verbosity
 @user_errors
 def inject_noise_cmd(shards, out_dir, rate, seed, mode, force):
     """Copy SHARDS with a known fraction of captions made noisy, recording the truth in each json.
@@ -805,6 +831,7 @@ def inject_noise_cmd(shards, out_dir, rate, seed, mode, force):
 @device_option
 @allow_download_option
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="Also write the numbers here.")
+@verbosity
 @user_errors
 def evaluate(
     report_dir,

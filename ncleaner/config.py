@@ -14,6 +14,7 @@ from . import __version__
 TINY_BACKBONE = "ncleaner-tiny"
 TRAIN_BACKBONE_CHOICES = ("auto", "none", "all")
 PRECISIONS = ("fp32", "fp16", "bf16")
+SCORE_TERM_CHOICES = ("auto", "clip_sim", "mii_sim", "soft_agreement", "negclip")
 # Fields a fitted model fills in itself; a user cannot set them.
 DERIVED_FIELDS = ("embed_dim", "version")
 # Decoding guard, not part of a model: 64 megapixels (8000 x 8000) is above anything a caption
@@ -29,6 +30,7 @@ JSON_TYPES = {
     "bool": ((bool,), "true or false"),
     "str": ((str,), "a string"),
     "str | None": ((str, type(None)), "a string or null"),
+    "float | None": ((int, float, type(None)), "a number or null"),
 }
 
 
@@ -63,10 +65,14 @@ class DisNCLConfig:
     soft_targets: bool = True  # False: one-hot targets
     noise_weights: bool = True  # False: every pair keeps weight 1 after the warm-up too
 
-    # Loss weights: L = L_align + lambda_dis * L_Dis + lambda_reg * L_reg.
+    # Loss weights: L = L_align + lambda_dis * L_Dis + lambda_reg * L_reg + lambda_edit * L_edit.
     lambda_dis: float = 0.1
     lambda_adv: float = 1.0
     lambda_reg: float = 0.01
+    # Hard negatives from the pool (docs/design.md section 2.1): L_edit against one-fact edits of the
+    # training captions, and the share of each batch made of near neighbours (frozen backbone only).
+    lambda_edit: float = 0.0
+    hard_batch_share: float = 0.0
 
     # Training sample: fit trains on a uniform sample of at most this many ok pairs of the pool
     # (score still covers every pair); it bounds fit's memory (README, "Memory").
@@ -85,6 +91,19 @@ class DisNCLConfig:
     # Scoring (section 3).
     bank_size: int = 1024
     calibration_points: int = 1001
+
+    # score = clip_sim + score_weight * (g(score_term) - clip_sim) (docs/design.md section 3, Eq. S1).
+    # "auto" / null: fit's self-check chooses them on a held-out slice of the pool with injected noise.
+    score_term: str = "auto"  # auto, clip_sim, mii_sim, soft_agreement or negclip
+    score_weight: float | None = None  # in [0, 1]; null: chosen by the self-check
+
+    # Self-check (section 3.1): selfcheck_fraction of the usable pairs (at least selfcheck_min_pairs,
+    # at most selfcheck_max_pairs and a fifth of the pool) is held out of training; 0 turns it off.
+    selfcheck_fraction: float = 0.1
+    selfcheck_min_pairs: int = 300
+    selfcheck_max_pairs: int = 20_000
+    # How many bootstrap standard errors a correction must gain over clip_sim by on half B to be used.
+    selfcheck_margin: float = 2.0
 
     version: str = __version__
 
@@ -111,6 +130,20 @@ class DisNCLConfig:
             raise ValueError("identity_mix must be in [0, 1]")
         if not (self.tau > 0 and self.target_tau > 0):  # also false for NaN
             raise ValueError("tau and target_tau must be > 0 (similarities are divided by them)")
+        if not 0.0 <= self.hard_batch_share <= 1.0:
+            raise ValueError("hard_batch_share must be in [0, 1]")
+        if not self.lambda_edit >= 0:
+            raise ValueError("lambda_edit must be >= 0")
+        if self.score_term not in SCORE_TERM_CHOICES:
+            raise ValueError(f"score_term must be one of {SCORE_TERM_CHOICES}")
+        if self.score_weight is not None and not 0.0 <= self.score_weight <= 1.0:
+            raise ValueError("score_weight must be in [0, 1] (or null: chosen by the self-check)")
+        if not 0.0 <= self.selfcheck_fraction < 1.0:
+            raise ValueError("selfcheck_fraction must be in [0, 1)")
+        if self.selfcheck_fraction == 0 and (self.score_term == "auto" or self.score_weight is None):
+            raise ValueError("without the self-check (selfcheck_fraction 0), set score_term and score_weight")
+        if self.selfcheck_min_pairs < 0 or self.selfcheck_max_pairs < 0 or not self.selfcheck_margin >= 0:
+            raise ValueError("selfcheck_min_pairs, selfcheck_max_pairs and selfcheck_margin must be >= 0")
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True) + "\n")
@@ -170,4 +203,4 @@ def _typed(name: str, value: object, annotation: str) -> object:
     accepted, described = JSON_TYPES[annotation]
     if not isinstance(value, accepted) or (isinstance(value, bool) and bool not in accepted):
         raise ValueError(f"field {name} must be {described}, got {value!r}")
-    return float(value) if annotation == "float" else value
+    return float(value) if annotation.startswith("float") and value is not None else value

@@ -12,11 +12,17 @@ processes when asked (docs/design.md section 10).
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
+import functools
 import hashlib
 import io
 import json
 import os
+import signal
+import sys
+import threading
+import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -282,7 +288,7 @@ def decode_blocks(
             num_workers=min(workers, len(dataset.urls)),
             pin_memory=pin_memory,
             prefetch_factor=2,
-            worker_init_fn=_single_threaded,
+            worker_init_fn=functools.partial(_init_worker, os.getpid()),
         )
 
 
@@ -306,6 +312,49 @@ def by_shard(blocks: Iterable) -> Iterator[list]:
             following += 1
 
 
-def _single_threaded(_worker_id: int) -> None:
+def _init_worker(creator: int, _worker_id: int) -> None:
     # Decoding processes share the cores with the encoder: one torch thread each.
     torch.set_num_threads(1)
+    _end_with_parent(creator)
+
+
+# Seconds between a decode worker's checks that its parent still lives.
+PARENT_CHECK_SECONDS = 0.5
+_PR_SET_PDEATHSIG = 1
+
+
+def _end_with_parent(creator: int) -> None:
+    """End this worker process soon after the process that started it dies.
+
+    A parent killed with SIGKILL (the OOM killer, a scheduler) runs no clean-up, and
+    DataLoader's own check does not help a worker blocked on a full queue: its queue
+    thread waits forever on a pipe the other workers still hold open, and the worker
+    lives on, reparented, holding its memory. On Linux the kernel kills the worker
+    when its parent dies (PR_SET_PDEATHSIG); elsewhere, and should the parent die
+    before that is set, a thread sees the worker reparented and ends the process.
+    ``creator`` is the pid of the process that built the DataLoader: under ``fork``
+    it is the parent, and a parent other than it that it outlived means it died first.
+    """
+    parent = os.getppid()
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if parent != creator and not _alive(creator):
+        os._exit(1)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(PARENT_CHECK_SECONDS)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="ncleaner-parent-watch", daemon=True).start()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True

@@ -52,25 +52,32 @@ class Encoder:
         return torch.autocast(device_type="cuda", dtype=_AUTOCAST_DTYPES[self.precision])
 
     def __call__(self, images: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.backbone.model.eval()
+        images = images.to(self.device, non_blocking=True)
+        with torch.inference_mode(), self._autocast():
+            f_v = canonical(self.backbone.encode_image(images))
+        return self._checked("image", f_v), self.text(tokens)
+
+    def text(self, tokens: torch.Tensor) -> torch.Tensor:
+        """F_T alone: what ``fit`` needs for captions it writes itself (edits, boilerplate)."""
         model = self.backbone.model
         model.eval()
-        images = images.to(self.device, non_blocking=True)
         tokens = tokens.to(self.device, non_blocking=True)
         with torch.inference_mode(), self._autocast():
-            f_v = self.backbone.encode_image(images)
-            f_t = encode_text(model, tokens)
-            f_v, f_t = canonical(f_v), canonical(f_t)
+            f_t = canonical(encode_text(model, tokens))
+        return self._checked("text", f_t)
+
+    def _checked(self, what: str, features: torch.Tensor) -> torch.Tensor:
         # Decoded images and tokens are finite, so non-finite features mean broken backbone
         # weights (or an fp16 overflow), which the heads could not tell from bad input.
         hint = ", or fp16 overflow: try --precision bf16" if self.precision == "fp16" else ""
-        for what, features in (("image", f_v), ("text", f_t)):
-            bad = int((~torch.isfinite(features).all(dim=1)).sum())
-            if bad:
-                raise NcleanerError(
-                    f"{self.source}: backbone gives non-finite {what} features for {bad} of {len(features)} pairs "
-                    f"(damaged backbone weights{hint})"
-                )
-        return f_v, f_t
+        bad = int((~torch.isfinite(features).all(dim=1)).sum())
+        if bad:
+            raise NcleanerError(
+                f"{self.source}: backbone gives non-finite {what} features for {bad} of {len(features)} pairs "
+                f"(damaged backbone weights{hint})"
+            )
+        return features
 
 
 def canonical(features: torch.Tensor) -> torch.Tensor:

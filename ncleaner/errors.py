@@ -9,6 +9,13 @@ def first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+def printable(text: str) -> str:
+    """``text`` with every character that is not printable (a newline, an escape sequence, a line
+    separator) written as its Python escape, so that a name shown on one line stays on one line
+    and cannot move the cursor; other unicode is kept as it is."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
 class NcleanerError(Exception):
     """A user-facing failure: bad input, a missing file, a refused overwrite.
 

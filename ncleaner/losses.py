@@ -123,3 +123,24 @@ def reconstruction_loss(decoded: torch.Tensor, feature: torch.Tensor) -> torch.T
 def mii_similarity(v_s: torch.Tensor, t_s: torch.Tensor) -> torch.Tensor:
     """Row-wise cosine similarity in the MII subspace (inputs already normalised)."""
     return (v_s * t_s).sum(dim=-1)
+
+
+def edit_negative_loss(
+    v_s: torch.Tensor, t_s: torch.Tensor, e_s: torch.Tensor, clean_weight: torch.Tensor, tau: float
+) -> torch.Tensor:
+    """L_edit: each image must prefer its own caption to a one-fact edit of it.
+
+        L_edit = sum_i w_i * -log( exp(v_i.t_i / tau) / (exp(v_i.t_i / tau) + exp(v_i.e_i / tau)) ) / sum_i w_i
+
+    ``e_s`` holds the MII features of the edited captions (a colour, count, object or
+    position word swapped), row i for pair i. Random in-batch negatives almost never
+    differ from a caption by one fact, so InfoNCE alone lets the heads blur the
+    directions that tell "a red car" from "a blue car"; this term keeps them. Pairs
+    weighted as noisy (w_i near 0) contribute nothing: their own caption is not the one
+    to prefer.
+    """
+    own = (v_s * t_s).sum(-1) / tau
+    edit = (v_s * e_s).sum(-1) / tau
+    per_pair = F.softplus(edit - own)  # -log sigmoid(own - edit)
+    w = clean_weight.to(per_pair.dtype)
+    return (w * per_pair).sum() / w.sum().clamp_min(1e-8)

@@ -6,6 +6,7 @@ writes a model directory:
     MODEL_DIR/config.json        DisNCLConfig
     MODEL_DIR/model.safetensors  heads, reference bank, and backbone weights when trained
     MODEL_DIR/calibration.json   score calibration (docs/design.md section 3)
+    MODEL_DIR/selfcheck.json     what the self-check measured on the pool (``ncleaner.selfcheck``)
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from .backbone import Backbone, build_backbone, cosine, download_reason
@@ -31,8 +33,12 @@ from .writer import atomic_write
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 CALIBRATION_FILE = "calibration.json"
+SELFCHECK_FILE = "selfcheck.json"
+# What a model is (and what its id hashes); the self-check's table only explains the choice in calibration.json.
 MODEL_FILES = (CONFIG_FILE, WEIGHTS_FILE, CALIBRATION_FILE)
-BANK_TENSORS = ("bank.v", "bank.t")
+FIT_FILES = (*MODEL_FILES, SELFCHECK_FILE)
+# The reference bank: MII features (soft_agreement) and backbone features (negclip) of the same pairs.
+BANK_TENSORS = ("bank.v", "bank.t", "bank.fv", "bank.ft")
 # Where the saved heads show the sizes they were built with: (tensor, axis) for each config field.
 HEAD_SIZES = {
     "embed_dim": ("mii_image.mlp.0.weight", 1),
@@ -41,52 +47,86 @@ HEAD_SIZES = {
 }
 
 
+# The terms that may correct clip_sim in ``score`` (docs/design.md section 3), besides clip_sim itself.
+CORRECTION_TERMS = ("mii_sim", "soft_agreement", "negclip")
+TERMS = ("clip_sim", *CORRECTION_TERMS)
+
+
 @dataclass
 class Calibration:
-    """Turns (mii_sim, soft_agreement) into ``score``, and ``mii_sim`` into ``clean_prob``.
+    """Turns a pair's terms into ``score`` and ``clean_prob`` (docs/design.md section 3).
 
-    ``score`` is the mean of the two columns' ranks among the training pairs
-    (empirical CDFs stored as quantiles), so scores of different runs of one
-    model are comparable. ``clean_prob`` is the clean posterior of the
-    two-component mixture fitted to the training pairs' ``mii_sim``: the same
-    split that weighted the pairs in training. (The old external design fitted it to ``score``,
-    but a rank-normalised score is close to uniform by construction, so a
-    two-component fit on it splits wherever EM lands: on sample_data it once
-    flagged 47 % of the pairs where 20 % were noisy; docs/design.md section 3.)
+    The score is anchored on the frozen cosine (Eq. S1):
+
+        score = clip_sim + weight * (g(term) - clip_sim),   g = Q_clip o F_term
+
+    where ``F_term`` is the correction term's empirical CDF over the training pairs and
+    ``Q_clip`` clip_sim's quantile function there, so ``g`` puts the term on clip_sim's
+    scale. ``weight`` 0 is clip_sim itself, bit for bit; 1 ranks by the term alone. Which
+    term and weight is what ``fit``'s self-check chose on the user's pool
+    (``ncleaner.selfcheck``). ``clean_prob`` is the clean posterior of a two-component
+    mixture fitted to the training pairs' ``score``.
     """
 
-    mii_quantiles: list[float]
-    soft_quantiles: list[float]
+    term: str
+    weight: float
+    quantiles: dict[str, list[float]]
+    negclip_tau: float
     mixture: TwoComponentMixture
 
-    @classmethod
-    def fit(cls, mii: np.ndarray, soft: np.ndarray, points: int, seed: int) -> Calibration:
+    @staticmethod
+    def quantiles_of(terms: dict[str, np.ndarray], points: int) -> dict[str, list[float]]:
         levels = np.linspace(0.0, 1.0, points)
-        return cls(
-            mii_quantiles=np.quantile(mii, levels).tolist(),
-            soft_quantiles=np.quantile(soft, levels).tolist(),
-            mixture=TwoComponentMixture.fit(mii, seed=seed),
-        )
+        return {name: np.quantile(np.asarray(terms[name], np.float64), levels).tolist() for name in TERMS}
 
-    def score(self, mii: np.ndarray, soft: np.ndarray) -> np.ndarray:
-        return ((_rank(mii, self.mii_quantiles) + _rank(soft, self.soft_quantiles)) / 2).astype(np.float32)
+    def score(self, terms: dict[str, np.ndarray]) -> np.ndarray:
+        return anchored_score(terms, self.term, self.weight, self.quantiles)
 
-    def clean_prob(self, mii: np.ndarray) -> np.ndarray:
-        return self.mixture.clean_posterior(mii).astype(np.float32)
+    def clean_prob(self, score: np.ndarray) -> np.ndarray:
+        return self.mixture.clean_posterior(score).astype(np.float32)
 
     def to_dict(self) -> dict:
         return {
-            "mii_quantiles": self.mii_quantiles,
-            "soft_quantiles": self.soft_quantiles,
+            "term": self.term,
+            "weight": self.weight,
+            "quantiles": self.quantiles,
+            "negclip_tau": self.negclip_tau,
             "mixture": self.mixture.to_dict(),
         }
 
 
-def _rank(values: np.ndarray, quantiles: list[float]) -> np.ndarray:
-    """Empirical CDF by linear interpolation between stored quantiles (ties broken by a tiny ramp)."""
-    q = np.asarray(quantiles, dtype=np.float64)
+def anchored_score(terms: dict[str, np.ndarray], term: str, weight: float, quantiles: dict) -> np.ndarray:
+    """Eq. S1 for one (term, weight); float32. With weight 0 (or term clip_sim) it returns clip_sim unchanged."""
+    clip = np.asarray(terms["clip_sim"], dtype=np.float32)
+    if weight == 0 or term == "clip_sim":
+        return clip
+    on_clip_scale = _quantile_map(terms[term], quantiles[term], quantiles["clip_sim"])
+    return ((1.0 - weight) * clip.astype(np.float64) + weight * on_clip_scale).astype(np.float32)
+
+
+def _quantile_map(values: np.ndarray, source: list[float], target: list[float]) -> np.ndarray:
+    """Q_target(F_source(values)) by linear interpolation between stored quantiles (ties broken by a tiny ramp)."""
+    q = np.asarray(source, dtype=np.float64)
     q = q + np.arange(len(q)) * 1e-12
-    return np.interp(np.asarray(values, dtype=np.float64), q, np.linspace(0.0, 1.0, len(q)))
+    levels = np.interp(np.asarray(values, dtype=np.float64), q, np.linspace(0.0, 1.0, len(q)))
+    return np.interp(levels, np.linspace(0.0, 1.0, len(target)), np.asarray(target, dtype=np.float64))
+
+
+def negclip(
+    f_v: torch.Tensor, f_t: torch.Tensor, bank_fv: torch.Tensor, bank_ft: torch.Tensor, tau: float
+) -> torch.Tensor:
+    """negCLIPLoss (Wang et al., "CLIPLoss and Norm-Based Data Selection Methods", 2024, Eq. 3):
+
+        cos(v_i, t_i) - tau / 2 * [log sum_j exp(cos(v_i, t_j) / tau) + log sum_j exp(cos(v_j, t_i) / tau)]
+
+    with j over a fixed reference batch of pool pairs (the bank's backbone features): a pair
+    is judged relative to how similar its image and caption are to everything else, so a
+    generic caption or image that matches anything scores low.
+    """
+    f_v, f_t = F.normalize(f_v, dim=-1), F.normalize(f_t, dim=-1)
+    own = (f_v * f_t).sum(-1)
+    norm = torch.logsumexp(f_v @ bank_ft.T / tau, dim=1) + torch.logsumexp(f_t @ bank_fv.T / tau, dim=1)
+    return own - tau / 2 * norm
 
 
 def soft_agreement(
@@ -121,6 +161,8 @@ class NcleanerModel(torch.nn.Module):
         self.heads = DisNCLHeads(config.embed_dim, config.mei_dim, config.hidden_dim)
         self.register_buffer("bank_v", torch.zeros(0, config.embed_dim))
         self.register_buffer("bank_t", torch.zeros(0, config.embed_dim))
+        self.register_buffer("bank_fv", torch.zeros(0, config.embed_dim))
+        self.register_buffer("bank_ft", torch.zeros(0, config.embed_dim))
         self.calibration: Calibration | None = None
         self.model_dir: Path | None = None  # set by ``load``, so that errors can name the directory
 
@@ -135,20 +177,29 @@ class NcleanerModel(torch.nn.Module):
         return self.config.resolved_train_backbone() == "all"
 
     @torch.no_grad()
-    def score_features(self, f_v: torch.Tensor, f_t: torch.Tensor) -> dict[str, np.ndarray]:
-        """All score columns for a batch of backbone features."""
+    def terms(self, f_v: torch.Tensor, f_t: torch.Tensor) -> dict[str, np.ndarray]:
+        """Every term ``score`` may be built from (``TERMS``), float32, for a batch of backbone features."""
         if self.calibration is None or len(self.bank_v) == 0:
             raise RuntimeError("model is not fitted: no reference bank or calibration")
         v_s, t_s = self.heads.mii(f_v, f_t)
-        mii = (v_s * t_s).sum(-1).cpu().numpy()
-        soft = soft_agreement(v_s, t_s, self.bank_v, self.bank_t, self.config.tau).cpu().numpy()
-        score = self.calibration.score(mii, soft)
+        out = {
+            "clip_sim": cosine(f_v, f_t),
+            "mii_sim": (v_s * t_s).sum(-1),
+            "soft_agreement": soft_agreement(v_s, t_s, self.bank_v, self.bank_t, self.config.tau),
+            "negclip": negclip(f_v, f_t, self.bank_fv, self.bank_ft, self.calibration.negclip_tau),
+        }
+        return {name: values.float().cpu().numpy() for name, values in out.items()}
+
+    def score_features(self, f_v: torch.Tensor, f_t: torch.Tensor) -> dict[str, np.ndarray]:
+        """All score columns for a batch of backbone features."""
+        terms = self.terms(f_v, f_t)
+        score = self.calibration.score(terms)
         columns = {
-            "clip_sim": cosine(f_v, f_t).cpu().numpy().astype(np.float32),
-            "mii_sim": mii.astype(np.float32),
-            "soft_agreement": soft.astype(np.float32),
+            "clip_sim": terms["clip_sim"],
+            "mii_sim": terms["mii_sim"],
+            "soft_agreement": terms["soft_agreement"],
             "score": score,
-            "clean_prob": self.calibration.clean_prob(mii),
+            "clean_prob": self.calibration.clean_prob(score),
         }
         # A NaN score sorts as neither clean nor noisy and would pass silently into the report and
         # the filter: a model that gives one for finite features is broken, so nothing is scored.
@@ -182,7 +233,7 @@ class NcleanerModel(torch.nn.Module):
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         tensors = {f"heads.{k}": v for k, v in self.heads.state_dict().items()}
-        tensors["bank.v"], tensors["bank.t"] = self.bank_v, self.bank_t
+        tensors.update(zip(BANK_TENSORS, (self.bank_v, self.bank_t, self.bank_fv, self.bank_ft), strict=True))
         if self.trains_backbone:
             tensors.update({f"backbone.{k}": v for k, v in self.clip.state_dict().items()})
         tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
@@ -229,7 +280,7 @@ class NcleanerModel(torch.nn.Module):
                 f"but {CONFIG_FILE} says {config.embed_dim}"
             )
         model = cls(config, backbone)
-        model.bank_v, model.bank_t = (tensors[k] for k in BANK_TENSORS)
+        model.bank_v, model.bank_t, model.bank_fv, model.bank_ft = (tensors[k] for k in BANK_TENSORS)
         model.heads.load_state_dict(_prefixed(tensors, "heads."))
         if model.trains_backbone:
             saved = _prefixed(tensors, "backbone.")
@@ -284,15 +335,31 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
 def _read_calibration(path: Path) -> Calibration:
     """calibration.json, checked field by field so that a damaged one is named with what is wrong."""
     data = _read_json_object(path)
+    if "mii_quantiles" in data and "term" not in data:
+        raise NcleanerError(f"{path}: written by ncleaner 0.1 (before the anchored score); fit the model again")
     mixture = _field(path, data, "mixture")
     if not isinstance(mixture, dict):
         raise NcleanerError(f"{path}: field 'mixture' must be an object")
     clean = _field(path, mixture, "clean", "mixture.")
     if clean not in (0, 1) or isinstance(clean, bool):
         raise NcleanerError(f"{path}: field 'mixture.clean' must be 0 or 1, got {clean!r}")
+    term = _field(path, data, "term")
+    if term not in TERMS:
+        raise NcleanerError(f"{path}: field 'term' must be one of {', '.join(TERMS)}, got {term!r}")
+    weight = _numbers(path, {"weight": [_field(path, data, "weight")]}, "weight", length=1)[0]
+    if not 0.0 <= weight <= 1.0:
+        raise NcleanerError(f"{path}: field 'weight' must be in [0, 1], got {weight!r}")
+    quantiles = _field(path, data, "quantiles")
+    if not isinstance(quantiles, dict):
+        raise NcleanerError(f"{path}: field 'quantiles' must be an object")
+    negclip_tau = _numbers(path, {"negclip_tau": [_field(path, data, "negclip_tau")]}, "negclip_tau", length=1)[0]
+    if negclip_tau <= 0:
+        raise NcleanerError(f"{path}: field 'negclip_tau' must be > 0, got {negclip_tau!r}")
     return Calibration(
-        mii_quantiles=_numbers(path, data, "mii_quantiles"),
-        soft_quantiles=_numbers(path, data, "soft_quantiles"),
+        term=term,
+        weight=weight,
+        quantiles={name: _numbers(path, quantiles, name, "quantiles.") for name in TERMS},
+        negclip_tau=negclip_tau,
         mixture=TwoComponentMixture(
             weights=_numbers(path, mixture, "weights", "mixture.", length=2),
             means=_numbers(path, mixture, "means", "mixture.", length=2),
@@ -366,8 +433,8 @@ def _check_bank(d: Path, config: DisNCLConfig, tensors: dict[str, torch.Tensor])
                 f"{d}: {WEIGHTS_FILE} holds {key} of shape {shape}, "
                 f"not [pairs, embed_dim {config.embed_dim}] as {CONFIG_FILE} says"
             )
-    if tensors["bank.v"].shape != tensors["bank.t"].shape:
-        raise NcleanerError(f"{d}: {WEIGHTS_FILE} holds bank.v and bank.t of different shapes")
+    if len({tensors[k].shape for k in BANK_TENSORS}) != 1:
+        raise NcleanerError(f"{d}: {WEIGHTS_FILE} holds bank tensors of different shapes ({', '.join(BANK_TENSORS)})")
 
 
 def _shapes(module: torch.nn.Module) -> dict[str, tuple[int, ...]]:

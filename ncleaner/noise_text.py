@@ -261,8 +261,30 @@ def _match_case(original: str, word: str) -> str:
     return word
 
 
-def _replacements(token: str, previous: str | None) -> list[str]:
-    """Words that change the fact ``token`` states, in a fixed order (empty: not editable)."""
+def _vocabulary_parts() -> dict[str, int]:
+    """Each replacement word's position in one fixed order of the facts (colour families, counts,
+    object groups, position words; a noun's plural shares its singular's): ``position % parts``
+    splits the replacements into disjoint vocabularies that never share a fact."""
+    order: dict[str, int] = {}
+    for w in [*COLOUR_FAMILIES, *NUMBER_WORDS, *(str(v) for v in DIGIT_COUNTS)]:
+        order[w] = len(order)
+    for groups in OBJECT_CATEGORIES.values():
+        for singular, plural in (g[0] for g in groups):
+            order[singular] = order[plural] = len(set(order.values()))
+    for w in POSITION_SWAPS:
+        order[w] = len(set(order.values()))
+    return order
+
+
+_VOCABULARY_ORDER = _vocabulary_parts()
+
+
+def _replacements(token: str, previous: str | None, vocabulary: tuple[int, int] | None = None) -> list[str]:
+    """Words that change the fact ``token`` states, in a fixed order (empty: not editable).
+
+    With ``vocabulary=(part, parts)`` only the replacements of that one of ``parts`` disjoint
+    vocabularies are offered (a count of 2 and the word "cat" are in one part, "3" and "dog" in another).
+    """
     entry = _LEXICON.get(token.lower())
     if entry is None:
         return []
@@ -282,21 +304,27 @@ def _replacements(token: str, previous: str | None) -> list[str]:
         ]
     else:
         options = [POSITION_SWAPS[entry.canonical]]
+    if vocabulary is not None:
+        part, parts = vocabulary
+        options = [w for w in options if _VOCABULARY_ORDER[w] % parts == part]
     return [_match_case(token, w) for w in options if _article_fits(article, w)]
 
 
-def partial_edit(caption: str, rng: np.random.Generator) -> str | None:
+def partial_edit(caption: str, rng: np.random.Generator, *, vocabulary: tuple[int, int] | None = None) -> str | None:
     """``caption`` with one fact word (a colour, count, object or position) replaced, or None.
 
     The word is drawn uniformly among the caption's editable words and its
     replacement uniformly among the words that state another fact and still fit
     the article before it. Every other character of the caption is kept.
+    ``vocabulary=(part, parts)`` draws replacements from one of ``parts`` disjoint
+    vocabularies only, so that the edits ``fit`` trains on and the two halves of its
+    self-check never share a replacement word (``ncleaner.selfcheck``).
     """
     tokens = list(_WORD.finditer(caption))
     candidates = []
     for i, match in enumerate(tokens):
         previous = tokens[i - 1].group().lower() if i else None
-        options = _replacements(match.group(), previous)
+        options = _replacements(match.group(), previous, vocabulary)
         if options:
             candidates.append((match, options))
     if not candidates:

@@ -37,6 +37,11 @@ logger = logging.getLogger(__name__)
 
 _REMOTE = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*:")
 _GLOB_CHARS = re.compile(r"[*?[]")
+# The names a directory listing takes as shards: every tar the reader opens when it is named
+# (tarfile's "r|*" reads plain, gzip, bzip2 and xz tars alike), in any case ("00000.TAR").
+SHARD_SUFFIX = re.compile(r"\.(tar|tar\.gz|tgz|tar\.bz2|tar\.xz)$", re.IGNORECASE)
+# Longest stem kept whole in a per-shard output's name: with the hash it stays under 255 bytes.
+_STEM_CHARS = 120
 # Hard links in a stream that cannot be re-read are resolved from the most recent members.
 _LINK_CACHE_BYTES = 64 << 20
 
@@ -117,10 +122,7 @@ def expand_shards(specs: str | Iterable[str]) -> list[str]:
         elif os.path.isfile(spec):
             urls.append(_as_local(spec))
         elif os.path.isdir(spec):
-            found = sorted(glob.glob(os.path.join(glob.escape(spec), "*.tar")))
-            if not found:
-                raise NcleanerError(f"{spec}: directory holds no .tar shards")
-            urls.extend(map(_as_local, found))
+            urls.extend(map(_as_local, _listed_shards(spec)))
         elif _REMOTE.match(spec):
             urls.extend(braceexpand(spec))
         elif _GLOB_CHARS.search(spec):
@@ -138,11 +140,31 @@ def expand_shards(specs: str | Iterable[str]) -> list[str]:
     return urls
 
 
+def _listed_shards(directory: str) -> list[str]:
+    """The shard files of a directory, sorted; hidden names are not listed (nor are our own partial files)."""
+    found = []
+    with os.scandir(directory) as entries:
+        for entry in entries:
+            if entry.name.startswith(".") or not SHARD_SUFFIX.search(entry.name):
+                continue
+            if entry.is_file():
+                found.append(entry.path)
+            else:
+                logger.warning("%s: not a file, so not a shard; skipped", entry.path)
+    if not found:
+        raise NcleanerError(f"{directory}: directory holds no shards (.tar, .tar.gz, .tgz, .tar.bz2, .tar.xz)")
+    return sorted(found)
+
+
 def shard_names(urls: list[str]) -> list[str]:
     """A file-name stem per shard for per-shard outputs (``00001`` for ``.../00001.tar``).
 
-    Stems that would collide (``a/0.tar`` and ``b/0.tar``) get a short hash of
-    their URL so that no shard's output overwrites another's.
+    A stem is the shard's file name without its tar suffix, in characters safe in any file
+    name; where that changed the name (spaces, unicode, a newline, a leading ``_`` or ``.``
+    that pyarrow would skip), it gets a short hash of the name, so that names that differ
+    never share a stem and ``a b.tar`` is still recognisable as ``a_b-1f2e3d4c``. Stems that
+    would still collide (``a/0.tar`` and ``b/0.tar``) get a short hash of their URL so that
+    no shard's output overwrites another's.
     """
     stems = [_stem(u) for u in urls]
     seen: dict[str, int] = {}
@@ -155,9 +177,14 @@ def shard_names(urls: list[str]) -> list[str]:
 
 
 def _stem(url: str) -> str:
-    last = re.split(r"[\s/]", url.rstrip("/ "))[-1] or "shard"
-    last = re.sub(r"\.(tar|tgz|tar\.gz)$", "", last)
-    return re.sub(r"[^A-Za-z0-9._-]", "_", last)
+    path = url.rstrip("/")
+    if not is_local(url):
+        path = path.split()[-1] if path.split() else path  # a pipe: command's last word names its shard
+    name = SHARD_SUFFIX.sub("", path.rsplit("/", 1)[-1])
+    stem = re.sub(r"[^A-Za-z0-9._-]", "_", name).lstrip("._")[:_STEM_CHARS] or "shard"
+    if stem == name:
+        return stem
+    return f"{stem}-{hashlib.sha1(name.encode('utf-8', 'surrogateescape')).hexdigest()[:8]}"
 
 
 class _EndAwareInfo(tarfile.TarInfo):

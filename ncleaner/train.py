@@ -13,6 +13,7 @@ in the alignment loss and in its soft targets.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections import Counter
 from collections.abc import Iterable
@@ -23,7 +24,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import losses, schema
+from . import losses, schema, selfcheck
 from .backbone import resolve_device
 from .config import DisNCLConfig
 from .decode import DEFAULT_MAX_IMAGE_PIXELS, by_shard, decode_blocks, default_workers
@@ -33,11 +34,17 @@ from .encode import canonical
 from .errors import NcleanerError, UnreadableShard
 from .heads import DisNCLCritics
 from .mixture import TwoComponentMixture
-from .model import MODEL_FILES, Calibration, NcleanerModel, soft_agreement
+from .model import FIT_FILES, SELFCHECK_FILE, Calibration, NcleanerModel, anchored_score
+from .noise_text import partial_edit
 from .shards import expand_shards, shard_names
 from .writer import StagedDir
 
 logger = logging.getLogger(__name__)
+
+# Neighbourhood batches (``neighbourhood_batches``): pairs a group, pairs searched per group.
+NEIGHBOUR_GROUP = 8
+NEIGHBOUR_WINDOW = 4096
+NEAR_DUPLICATE_IMAGE = 0.95
 
 
 @dataclass
@@ -49,11 +56,31 @@ class TrainingSet:
     f_t: torch.Tensor | None = None
     images: torch.Tensor | None = None  # trained backbone: decoded inputs
     tokens: torch.Tensor | None = None
+    captions: list[str] = field(default_factory=list)  # for the edits of L_edit and the self-check
+    # L_edit's negatives: per pair, whether its caption has a one-fact edit, and the edit's
+    # features (frozen backbone) or tokens (trained backbone).
+    has_edit: torch.Tensor | None = None
+    edit_f: torch.Tensor | None = None
+    edit_tokens: torch.Tensor | None = None
     skipped_shards: dict[str, str] = field(default_factory=dict)  # unreadable shard -> why
 
     def __len__(self) -> int:
         held = self.f_v if self.f_v is not None else self.images
         return 0 if held is None else len(held)
+
+    def take(self, rows: np.ndarray) -> TrainingSet:
+        """The pairs at ``rows``, in that order (statuses and skipped shards are the whole read's)."""
+        idx = torch.from_numpy(np.asarray(rows, dtype=np.int64))
+        pick = lambda t: None if t is None else t[idx]  # noqa: E731
+        return TrainingSet(
+            statuses=self.statuses,
+            f_v=pick(self.f_v),
+            f_t=pick(self.f_t),
+            images=pick(self.images),
+            tokens=pick(self.tokens),
+            captions=[self.captions[i] for i in idx.tolist()],
+            skipped_shards=self.skipped_shards,
+        )
 
 
 @dataclass
@@ -65,31 +92,41 @@ class FitResult:
     statuses: dict[str, int]
     history: list[dict]
     skipped_shards: dict[str, str] = field(default_factory=dict)
+    pairs_held_out: int = 0  # held out of training for the self-check
+    retrained: bool = False  # trained again on every pair after the self-check (a backbone that trains)
+    selfcheck: selfcheck.SelfCheck | None = None
+    score_rule: str = ""  # what score is, in words (the line fit ends with)
 
 
 class Reservoir:
     """A uniform random sample of at most ``k`` rows from a stream, in one pass (Vitter's Algorithm R).
 
-    Rows are added in batches of aligned tensors (features of both sides, or images and
-    tokens); memory is ``k`` rows whatever the stream's length. The sample depends only on
-    ``seed`` and the order of the rows.
+    Rows are added in batches of aligned columns (features of both sides, or images and
+    tokens, and the captions as a list); memory is ``k`` rows whatever the stream's length.
+    The sample depends only on ``seed`` and the order of the rows.
     """
 
     def __init__(self, k: int, seed: int):
         self.k, self.seen = k, 0
         self.rng = np.random.default_rng(seed)
-        self.columns: list[torch.Tensor] | None = None
+        self.columns: list[torch.Tensor | list] | None = None
 
-    def add(self, *columns: torch.Tensor) -> None:
+    def add(self, *columns: torch.Tensor | list) -> None:
         n = len(columns[0])
         if self.columns is None:
-            self.columns = [torch.empty((min(self.k, 1 << 16), *c.shape[1:]), dtype=c.dtype) for c in columns]
+            self.columns = [
+                [] if isinstance(c, list) else torch.empty((min(self.k, 1 << 16), *c.shape[1:]), dtype=c.dtype)
+                for c in columns
+            ]
         filled = min(self.seen, self.k)
         take = min(n, self.k - filled)  # while not full, every row is kept
         if take:
             self._grow(filled + take)
             for store, c in zip(self.columns, columns, strict=True):
-                store[filled : filled + take] = c[:take]
+                if isinstance(store, list):
+                    store.extend(c[:take])
+                else:
+                    store[filled : filled + take] = c[:take]
         if take < n:
             # Row t (0-based in the stream) replaces a random slot with probability k / (t + 1).
             t = self.seen + np.arange(take, n)
@@ -101,11 +138,12 @@ class Reservoir:
 
     def _grow(self, size: int) -> None:
         # Storage grows with the sample, so a small pool does not allocate k rows.
-        if size > len(self.columns[0]):
-            new = min(self.k, max(size, 2 * len(self.columns[0])))
-            self.columns = [torch.cat([c, c.new_empty((new - len(c), *c.shape[1:]))]) for c in self.columns]
+        for i, c in enumerate(self.columns):
+            if not isinstance(c, list) and size > len(c):
+                new = min(self.k, max(size, 2 * len(c)))
+                self.columns[i] = torch.cat([c, c.new_empty((new - len(c), *c.shape[1:]))])
 
-    def sample(self) -> list[torch.Tensor] | None:
+    def sample(self) -> list[torch.Tensor | list] | None:
         if self.columns is None:
             return None
         return [c[: min(self.seen, self.k)] for c in self.columns]
@@ -148,9 +186,9 @@ def load_training_set(
     sample = reservoir.sample()
     if sample is not None:
         if model.trains_backbone:
-            data.images, data.tokens = sample
+            data.images, data.tokens, data.captions = sample
         else:
-            data.f_v, data.f_t = sample
+            data.f_v, data.f_t, data.captions = sample
     if reservoir.seen > max_fit_pairs:
         logger.info("training on a uniform sample of %d of the %d usable pairs", max_fit_pairs, reservoir.seen)
     return data
@@ -171,7 +209,8 @@ def _shards(urls, model: NcleanerModel, batch_size, workers, max_image_pixels, s
         )
         for shard in stream:
             # float16 halves the cache; fit from embeddings and fit from fresh features see the same values.
-            columns = (torch.from_numpy(shard.f_v).half(), torch.from_numpy(shard.f_t).half())
+            captions = [c for c, ok in zip(shard.captions, shard.ok, strict=True) if ok]
+            columns = (torch.from_numpy(shard.f_v).half(), torch.from_numpy(shard.f_t).half(), captions)
             yield shard.url, Counter(shard.statuses), shard.error, None if shard.error else columns
         return
     blocks = decode_blocks(
@@ -191,7 +230,10 @@ def _shards(urls, model: NcleanerModel, batch_size, workers, max_image_pixels, s
             yield last.url, Counter({schema.TRUNCATED_SHARD: sum(statuses.values())}), None, None
             continue
         inputs = [b for b in group if b.images is not None]
-        columns = (torch.cat([b.images for b in inputs]), torch.cat([b.tokens for b in inputs])) if inputs else None
+        columns = None
+        if inputs:
+            captions = [p.caption for b in inputs for p in b.pairs if p.status == schema.OK]
+            columns = (torch.cat([b.images for b in inputs]), torch.cat([b.tokens for b in inputs]), captions)
         yield last.url, statuses, last.error, columns
 
 
@@ -260,7 +302,7 @@ def fit(
                 "the pool's features there and the heads train from them here"
             )
     urls = expand_shards(shards)
-    with StagedDir(out_dir, force=force, owned=lambda _: set(MODEL_FILES)) as stage:
+    with StagedDir(out_dir, force=force, owned=lambda _: set(FIT_FILES)) as stage:
         workers = default_workers(len(urls)) if workers is None else workers
         reading = {
             "on_bad_shard": on_bad_shard,
@@ -302,12 +344,62 @@ def _fit(urls, out: Path, config, device, reading: dict, progress) -> FitResult:
         workers=reading["workers"],
         store=store,
     )
-    n = len(data)
-    if n < 4:
-        raise NcleanerError(f"{urls[0]}{' ...' if len(urls) > 1 else ''}: only {n} usable pairs; need at least 4")
+    if len(data) < 4:
+        raise NcleanerError(
+            f"{urls[0]}{' ...' if len(urls) > 1 else ''}: only {len(data)} usable pairs; need at least 4"
+        )
+    # The self-check's slice never trains: heads that saw its clean pairs would flatter themselves.
+    # Its own generator, so that the training's random choices do not depend on whether it is on.
+    check_rng = np.random.default_rng([config.seed, 17])
+    order = check_rng.permutation(len(data))
+    held = selfcheck.slice_size(len(data), config)
+    everything = data
+    check_set = data.take(np.sort(order[:held])) if held else None
+    if held:
+        data = data.take(np.sort(order[held:]))
+        logger.info("self-check: %d pairs held out of training", held)
     bad = {k: v for k, v in data.statuses.items() if k != schema.OK}
     if bad:
         logger.info("not used for training: %s", ", ".join(f"{v} {k}" for k, v in sorted(bad.items())))
+    history = _train(model, data, config, rng, progress)
+    check = _finalise(model, data, check_set, config, rng, check_rng)
+    if check_set is not None and model.trains_backbone:
+        # A backbone trained on the pool scores the pairs it trained on above those it never saw,
+        # so the held-out slice would look noisy in the report (sample_data: clip_sim's AUROC
+        # 0.87 against 0.94 without the slice). The self-check chose the rule; the model that
+        # scores is then trained again, from the same seed, on every pair.
+        logger.info("self-check done: training again on all %d pairs", len(everything))
+        rule = (model.calibration.term, model.calibration.weight)
+        torch.manual_seed(config.seed)
+        rng = np.random.default_rng(config.seed)
+        model = NcleanerModel.create(config, device)
+        data = everything
+        history = _train(model, data, config, rng, progress)
+        _finalise(model, data, None, config, rng, check_rng, rule=rule)
+    mid = model.save(out)
+    if check is not None:
+        (out / SELFCHECK_FILE).write_text(json.dumps(check.to_dict(), indent=1) + "\n")
+    return FitResult(
+        model_dir=out,
+        model_id=mid,
+        pairs_read=sum(data.statuses.values()),
+        pairs_used=len(data),
+        statuses=dict(data.statuses),
+        history=history,
+        skipped_shards=data.skipped_shards,
+        pairs_held_out=0 if check_set is None else len(check_set),
+        retrained=data is everything and check_set is not None,
+        selfcheck=check,
+        score_rule=_score_rule(model.calibration, check),
+    )
+
+
+def _train(model: NcleanerModel, data: TrainingSet, config: DisNCLConfig, rng: np.random.Generator, progress) -> list:
+    """The epochs of docs/design.md section 2.7 on ``data``; returns each epoch's statistics."""
+    device = model.bank_v.device
+    n = len(data)
+    if config.lambda_edit > 0:
+        _add_edit_negatives(model, data, config.batch_size, np.random.default_rng([config.seed, 23]))
     critics = DisNCLCritics(config.embed_dim, config.mei_dim, config.hidden_dim).to(device)
     params = [{"params": model.heads.parameters(), "lr": config.lr}]
     if model.trains_backbone:
@@ -328,23 +420,13 @@ def _fit(urls, out: Path, config, device, reading: dict, progress) -> FitResult:
         stats = _train_epoch(model, critics, data, weights, optimizer, critic_optimizer, schedule, rng, epoch, progress)
         stats.update(epoch=epoch + 1, mean_weight=float(weights.mean()), flagged=float((weights < 0.5).float().mean()))
         history.append(stats)
-        terms = ", ".join(f"{k} {stats[k]:.4f}" for k in ("align", "dis", "reg") if k in stats)
+        terms = ", ".join(f"{k} {stats[k]:.4f}" for k in ("align", "dis", "reg", "edit") if k in stats)
         logger.info(
             "epoch %d/%d: loss %.4f (%s), pairs weighted as noisy %.1f%%",
             epoch + 1, config.epochs, stats["loss"], terms, 100 * stats["flagged"],
         )  # fmt: skip
 
-    _finalise(model, data, config, rng)
-    mid = model.save(out)
-    return FitResult(
-        model_dir=out,
-        model_id=mid,
-        pairs_read=sum(data.statuses.values()),
-        pairs_used=len(data),
-        statuses=dict(data.statuses),
-        history=history,
-        skipped_shards=data.skipped_shards,
-    )
+    return history
 
 
 def _embed_on_ray(urls: list[str], store: EmbeddingStore, config: DisNCLConfig, reading: dict, progress) -> None:
@@ -374,6 +456,23 @@ def _embed_on_ray(urls: list[str], store: EmbeddingStore, config: DisNCLConfig, 
         progress=progress,
         actors_per_gpu=reading["ray_actors_per_gpu"],
     )
+
+
+def _add_edit_negatives(model: NcleanerModel, data: TrainingSet, batch_size: int, rng: np.random.Generator) -> None:
+    """One-fact edits of the training captions for L_edit, from the training vocabulary, which
+    neither half of the self-check uses; a frozen text tower encodes them once, here."""
+    vocabulary = (selfcheck.TRAINING_VOCABULARY, selfcheck.VOCABULARY_PARTS)
+    edits = [partial_edit(c, rng, vocabulary=vocabulary) for c in data.captions]
+    data.has_edit = torch.tensor([e is not None for e in edits], dtype=torch.bool)
+    texts = [e if e is not None else "" for e in edits]
+    if model.trains_backbone:
+        data.edit_tokens = model.tokenize(texts)
+        return
+    encoder = model.encoder()
+    data.edit_f = torch.cat(
+        [encoder.text(model.tokenize(texts[i : i + batch_size])).cpu().half() for i in range(0, len(texts), batch_size)]
+    )
+    logger.info("L_edit: one-fact edits of %d of %d training captions", int(data.has_edit.sum()), len(texts))
 
 
 def _features(model: NcleanerModel, data: TrainingSet, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -432,12 +531,64 @@ def epoch_batches(n: int, batch_size: int, rng: np.random.Generator) -> list[tor
     return batches
 
 
+def neighbourhood_batches(
+    f_v: torch.Tensor, f_t: torch.Tensor, batch_size: int, share: float, rng: np.random.Generator
+) -> list[torch.Tensor]:
+    """``epoch_batches`` in which ``share`` of each batch is groups of near neighbours.
+
+    Random in-batch negatives are almost never near misses, so the alignment loss never
+    asks the heads to keep what tells two similar pairs apart. Here each batch holds
+    groups of ``NEIGHBOUR_GROUP`` pairs: an anchor and the free pairs closest to it by
+    caption (even groups) or by image (odd groups), searched in a window of the epoch's
+    random order (``NEIGHBOUR_WINDOW`` pairs: cost window x width per group, so any pool
+    size works without an index). Pairs whose image is a near duplicate of the anchor's
+    are left for other batches, since their captions may well describe it. The rest of
+    each batch is random. Every pair is used exactly once per epoch, and the batch count
+    is ``epoch_batches``'s.
+    """
+    n = len(f_t)
+    sizes = [len(b) for b in epoch_batches(n, batch_size, rng)]
+    order = rng.permutation(n)
+    free = np.ones(n, dtype=bool)
+    cursor = 0
+    batches = []
+    for size in sizes:
+        grouped = int(share * size) // NEIGHBOUR_GROUP * NEIGHBOUR_GROUP
+        batch: list[int] = []
+        for g in range(grouped // NEIGHBOUR_GROUP):
+            while cursor < n and not free[order[cursor]]:
+                cursor += 1
+            if cursor >= n:
+                break
+            window = order[cursor : cursor + NEIGHBOUR_WINDOW]
+            window = window[free[window]]
+            anchor = window[0]
+            feats = f_t if g % 2 == 0 else f_v
+            sim = (feats[window].float() @ feats[anchor].float()).numpy()
+            duplicate = (f_v[window].float() @ f_v[anchor].float()).numpy() > NEAR_DUPLICATE_IMAGE
+            duplicate[0] = False
+            ranked = window[np.argsort(-np.where(duplicate, -np.inf, sim), kind="stable")]
+            group = ranked[: min(NEIGHBOUR_GROUP, int((~duplicate).sum()))]
+            free[group] = False
+            batch.extend(group.tolist())
+        while len(batch) < size:
+            while not free[order[cursor]]:
+                cursor += 1
+            free[order[cursor]] = False
+            batch.append(int(order[cursor]))
+        batches.append(torch.tensor(batch))
+    return batches
+
+
 def _train_epoch(model, critics, data, weights, optimizer, critic_optimizer, schedule, rng, epoch, progress):
     config = model.config
     model.train()
     if not model.trains_backbone:
         model.clip.eval()
-    batches = epoch_batches(len(data), config.batch_size, rng)
+    if config.hard_batch_share > 0 and data.f_v is not None:
+        batches = neighbourhood_batches(data.f_v, data.f_t, config.batch_size, config.hard_batch_share, rng)
+    else:
+        batches = epoch_batches(len(data), config.batch_size, rng)
     totals = Counter()
     device = model.bank_v.device
     for idx in tqdm(batches, desc=f"epoch {epoch + 1}", unit="batch", disable=not progress, leave=False):
@@ -454,6 +605,10 @@ def _train_epoch(model, critics, data, weights, optimizer, critic_optimizer, sch
             dis = _disentanglement_loss(critics, split, config.lambda_adv)
             loss = loss + config.lambda_dis * dis
             parts["dis"] = dis.item()
+        if config.lambda_edit > 0 and data.has_edit is not None and data.has_edit[idx].any():
+            edit = _edit_loss(model, data, idx, split, w)
+            loss = loss + config.lambda_edit * edit
+            parts["edit"] = edit.item()
         if config.lambda_reg > 0:
             rec_v, rec_t = model.heads.reconstruct(split)
             reg = losses.reconstruction_loss(rec_v, f_v) + losses.reconstruction_loss(rec_t, f_t)
@@ -465,6 +620,20 @@ def _train_epoch(model, critics, data, weights, optimizer, critic_optimizer, sch
         schedule.step()
         totals.update(parts, loss=loss.item())
     return {k: v / len(batches) for k, v in totals.items()}
+
+
+def _edit_loss(model: NcleanerModel, data: TrainingSet, idx: torch.Tensor, split, w: torch.Tensor) -> torch.Tensor:
+    """L_edit on the batch's pairs that have an edited caption."""
+    device = model.bank_v.device
+    has = data.has_edit[idx]
+    rows = idx[has]
+    if data.edit_f is not None:
+        e_f = data.edit_f[rows].to(device).float()
+    else:
+        e_f = model.backbone.encode_text(data.edit_tokens[rows].to(device))
+    e_s = torch.nn.functional.normalize(model.heads.mii_text(torch.nn.functional.normalize(e_f, dim=-1)), dim=-1)
+    mask = has.to(device)
+    return losses.edit_negative_loss(split.v_s[mask], split.t_s[mask], e_s, w[mask], model.config.tau)
 
 
 def _critic_step(critics: DisNCLCritics, split, optimizer) -> None:
@@ -496,8 +665,20 @@ def _disentanglement_loss(critics: DisNCLCritics, split, lambda_adv: float) -> t
     )
 
 
-def _finalise(model: NcleanerModel, data: TrainingSet, config: DisNCLConfig, rng: np.random.Generator) -> None:
-    """Sample the reference bank from pairs judged clean, then calibrate the scores on all training pairs."""
+def _finalise(
+    model: NcleanerModel,
+    data: TrainingSet,
+    check_set: TrainingSet | None,
+    config: DisNCLConfig,
+    rng: np.random.Generator,
+    check_rng: np.random.Generator,
+    *,
+    rule: tuple[str, float] | None = None,
+) -> selfcheck.SelfCheck | None:
+    """Sample the reference bank from pairs judged clean, put every term on the training pairs'
+    quantiles, let the self-check choose score's term and weight (Eq. S1) unless ``rule`` gives
+    them, and fit clean_prob's mixture to the training pairs' score. Returns the self-check, or
+    None where none ran."""
     v_s, t_s = _all_mii(model, data, config.batch_size)
     mii = losses.mii_similarity(v_s, t_s).numpy()
     clean = TwoComponentMixture.fit(mii, seed=config.seed).clean_posterior(mii) >= 0.5
@@ -506,13 +687,72 @@ def _finalise(model: NcleanerModel, data: TrainingSet, config: DisNCLConfig, rng
     device = model.bank_v.device
     model.bank_v = v_s[chosen].to(device)
     model.bank_t = t_s[chosen].to(device)
-    soft = torch.cat(
-        [
-            soft_agreement(
-                v_s[i : i + 1024].to(device), t_s[i : i + 1024].to(device), model.bank_v, model.bank_t, config.tau
-            ).cpu()
-            for i in range(0, len(v_s), 1024)
-        ]
-    ).numpy()
-    model.calibration = Calibration.fit(mii, soft, config.calibration_points, config.seed)
+    model.bank_fv, model.bank_ft = _encoded(model, data, chosen)
+    del v_s, t_s
+    # negclip's temperature is the backbone's own (its contrastive logit scale), as in Wang et al.
+    scale = getattr(model.clip, "logit_scale", None)
+    tau = float(np.clip(1.0 / float(scale.detach().exp()), 0.01, 1.0)) if scale is not None else config.tau
+    # Provisional: the terms need the bank and negclip's temperature, not the choice made below.
+    model.calibration = Calibration("clip_sim", 0.0, {}, tau, TwoComponentMixture.fit(mii[:0]))
+    terms = _training_terms(model, data, config.batch_size * 8)
+    quantiles = Calibration.quantiles_of(terms, config.calibration_points)
+
+    check = None
+    if check_set is not None:
+        partner_rows = np.sort(check_rng.permutation(len(data))[: selfcheck.PARTNER_POOL])
+        check = selfcheck.run(
+            model,
+            (*_encoded(model, check_set, np.arange(len(check_set))), check_set.captions),
+            (*_encoded(model, data, partner_rows), [data.captions[i] for i in partner_rows]),
+            terms,
+            quantiles,
+            config,
+            check_rng,
+        )
+    if rule is not None:
+        term, weight = rule
+    elif check is not None:
+        term, weight = check.term, check.weight
+    elif config.score_term != "auto" and config.score_weight is not None:
+        term, weight = config.score_term, config.score_weight
+    else:
+        term, weight = "clip_sim", 0.0
+        if check_set is not None:
+            logger.warning("self-check: too few held-out pairs judged clean to test a correction; score is clip_sim")
+    score = anchored_score(terms, term, weight, quantiles)
+    model.calibration = Calibration(term, weight, quantiles, tau, TwoComponentMixture.fit(score, seed=config.seed))
     model.eval()
+    return check
+
+
+def _encoded(model: NcleanerModel, data: TrainingSet, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """The backbone features of the pairs at ``rows``, as score will see them (canonical, float32)."""
+    device = model.bank_v.device
+    if data.f_v is not None:
+        idx = torch.from_numpy(np.asarray(rows, dtype=np.int64))
+        return data.f_v[idx].to(device).float(), data.f_t[idx].to(device).float()
+    encoder = model.encoder()
+    parts = [
+        encoder(data.images[torch.from_numpy(chunk)], data.tokens[torch.from_numpy(chunk)])
+        for chunk in np.array_split(np.asarray(rows, dtype=np.int64), max(1, -(-len(rows) // 256)))
+        if len(chunk)
+    ]
+    if not parts:
+        dim = model.config.embed_dim
+        return torch.zeros(0, dim, device=device), torch.zeros(0, dim, device=device)
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+
+def _training_terms(model: NcleanerModel, data: TrainingSet, chunk: int) -> dict[str, np.ndarray]:
+    """Every term of Eq. S1 for every training pair, computed a chunk at a time."""
+    starts = range(0, len(data), chunk)
+    parts = [model.terms(*_encoded(model, data, np.arange(i, min(i + chunk, len(data))))) for i in starts]
+    return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+
+
+def _score_rule(calibration: Calibration, check: selfcheck.SelfCheck | None) -> str:
+    if calibration.weight == 0 or calibration.term == "clip_sim":
+        rule = "score is clip_sim (the backbone's own cosine)"
+    else:
+        rule = f"score = clip_sim + {calibration.weight:g} x ({calibration.term} - clip_sim), on clip_sim's scale"
+    return rule if check is None else check.summary()

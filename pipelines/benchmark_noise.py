@@ -36,7 +36,7 @@ from ncleaner.embeddings import open_for_model
 from ncleaner.evaluate import encode_shards, kept_set_metrics, retrieval_metrics, truth_from_file
 from ncleaner.mixture import TwoComponentMixture
 from ncleaner.model import NcleanerModel
-from ncleaner.noise import TRUTH_FILE, inject_noise
+from ncleaner.noise import NOISE_MODES, TRUTH_FILE, inject_noise
 from ncleaner.report import read_report, score
 from ncleaner.synthetic import GENERATORS, make_generator, write_synthetic_shards
 from ncleaner.train import fit
@@ -59,6 +59,7 @@ def main() -> None:
     parser.add_argument("--shard-size", type=int, default=500)
     parser.add_argument("--rates", default="0.2,0.4,0.6")
     parser.add_argument("--generator", choices=sorted(GENERATORS), default="scenes")
+    parser.add_argument("--mode", choices=NOISE_MODES, default="permute", help="inject-noise's --mode")
     parser.add_argument("--no-image-clutter", action="store_true")
     parser.add_argument("--no-text-clutter", action="store_true")
     parser.add_argument("--epochs", type=int, default=DisNCLConfig.epochs)
@@ -90,7 +91,7 @@ def main() -> None:
     rows = []
     for rate in (float(r) for r in args.rates.split(",")):
         noisy_dir = work / f"train_{rate}"
-        inject_noise(str(work / "train_clean"), noisy_dir, rate=rate, seed=args.seed, force=True)
+        inject_noise(str(work / "train_clean"), noisy_dir, rate=rate, seed=args.seed, mode=args.mode, force=True)
         for method in methods:
             new_rows = run_method(method, rate, noisy_dir, work, args)
             rows.extend(new_rows)
@@ -104,12 +105,13 @@ def main() -> None:
         f"Command: `{' '.join(shlex.quote(a) for a in ['python', *sys.argv])}`",
         f"Data: generator `{args.generator}` (image clutter {'off' if args.no_image_clutter else 'on'}, "
         f"text clutter {'off' if args.no_text_clutter else 'on'}), {args.samples} training pairs, "
-        f"{args.test_samples} clean held-out pairs, seed {args.seed}; captions permuted as in NCR (NeurIPS 2021).",
+        f"{args.test_samples} clean held-out pairs, seed {args.seed}; noise mode `{args.mode}` (`permute`: "
+        "captions permuted as in NCR, NeurIPS 2021).",
         f"Machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, CPU; "
         f"{args.epochs} epochs per fit, {time.strftime('%Y-%m-%d')}."
         + (f" Overrides: {', '.join(args.overrides)}." if args.overrides else ""),
         "",
-        "AUROC / AP: detecting permuted captions (positive = noisy) from each score, higher is better. "
+        "AUROC / AP: detecting the noisy pairs (positive = noisy) from each score, higher is better. "
         "Kept precision / noise removed: the kept set is the clean component of a two-component mixture "
         "fitted to that score. R@1 and rsum: retrieval on the clean held-out split (MII subspace; for "
         "clip_sim, the raw backbone space). Fit s: wall time of the fit.",

@@ -53,7 +53,7 @@ def test_frozen_pretrained_backbone_caches_features_and_trains_only_the_heads(sm
         "32",
         "--quiet",
     )
-    assert "trained on 96 pairs" in result.output
+    assert "trained on 77 pairs, 19 held out for the self-check" in result.output  # frozen: no second training
     config = json.loads((tmp_path / "m" / "config.json").read_text())
     assert config["pretrained"] == str(checkpoint) and config["train_backbone"] == "auto"
     weights = load_file(str(tmp_path / "m" / "model.safetensors"))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 import subprocess
 import sys
@@ -109,6 +110,37 @@ def test_quiet_and_verbose(small_shards, tmp_path):
     assert run_cli(*args, "--out", tmp_path / "c", "-v").exit_code == 0
 
 
+def _ncleaner(*args) -> subprocess.CompletedProcess:
+    """The real command in a fresh interpreter: logging as a user's shell gets it, not as pytest sets it up."""
+    return subprocess.run([sys.executable, "-m", "ncleaner", *map(str, args)], capture_output=True, text=True)
+
+
+def _lines(text: str) -> list[str]:
+    return [line.strip() for line in re.split(r"[\r\n]", text) if line.strip()]
+
+
+@pytest.mark.slow
+def test_each_message_of_a_command_that_builds_a_model_is_printed_once(small_shards, small_model, tmp_path):
+    # open_clip logs through logging.info(), which gives the root logger a stderr handler of its own.
+    fit = _ncleaner("fit", small_shards / "00000.tar", "--out", tmp_path / "m", "--epochs", "1", "--warmup-epochs",
+                    "0", "--batch-size", "16")  # fmt: skip
+    assert fit.returncode == 0, fit.stderr
+    # The backbone trains, so fit trains twice: once without the self-check's slice, once on every pair.
+    epoch = [line for line in _lines(fit.stderr) if "epoch 1/1:" in line]
+    again = [line for line in _lines(fit.stderr) if "training again on all" in line]
+    warnings = [line for line in _lines(fit.stderr) if "self-check: too few" in line]
+    assert len(again) == 1 and len(epoch) == 2, fit.stderr
+    assert len(warnings) == 1 and warnings[0].startswith("warning: "), fit.stderr
+    assert not [line for line in _lines(fit.stderr) if line.startswith(("INFO:", "WARNING:"))], fit.stderr
+
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes((small_shards / "00000.tar").read_bytes()[:20000])
+    score = _ncleaner("score", cut, "--model", small_model, "--out", tmp_path / "r", "-q")
+    assert score.returncode == 0, score.stderr
+    lines = _lines(score.stderr)  # -q: the shard's one warning and nothing else
+    assert len(lines) == 1 and lines[0].startswith(f"warning: {cut}: ends early") and "truncated_shard" in lines[0]
+
+
 def test_every_option_of_every_command_has_help_text():
     import click
 
@@ -121,3 +153,18 @@ def test_every_option_of_every_command_has_help_text():
         if isinstance(param, click.Option) and not param.help
     ]
     assert missing == []
+
+
+def test_every_command_takes_quiet_and_verbose(small_shards, tmp_path):
+    from ncleaner.cli import main
+
+    lacking = [
+        name for name, command in main.commands.items() if not {"quiet", "verbose"} <= {p.name for p in command.params}
+    ]
+    assert lacking == []
+    d = tmp_path / "pool"
+    (d / "sub.tar").mkdir(parents=True)
+    shutil.copy(small_shards / "00000.tar", d)
+    loud = run_cli("inject-noise", d, "--out", tmp_path / "a", "--rate", "0.5", "-v")
+    quiet = run_cli("inject-noise", d, "--out", tmp_path / "b", "--rate", "0.5", "-q")
+    assert "warning: " in loud.output and "warning: " in quiet.output  # -q keeps warnings

@@ -10,26 +10,31 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
 import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import run_cli
+from conftest import jpeg_bytes, run_cli, write_tar
 
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow  # every test here starts interpreters or runs many commands
 
 
-def run_ncleaner(args: list, patch: str = "") -> subprocess.CompletedProcess:
-    """Run the CLI in a fresh interpreter after ``patch`` (code that may wrap package functions)."""
+def ncleaner_command(args: list, patch: str = "") -> list[str]:
+    """The command line of the CLI in a fresh interpreter after ``patch`` (code that may wrap package functions)."""
     code = textwrap.dedent(
         """
         import os, signal, sys
+        # A shell running in the background starts its children with SIGINT ignored, and Python then
+        # leaves it ignored: the Ctrl-C tests need the handler a terminal's command gets.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         def die():
             os.kill(os.getpid(), signal.SIGKILL)
         {patch}
@@ -38,8 +43,15 @@ def run_ncleaner(args: list, patch: str = "") -> subprocess.CompletedProcess:
         main()
         """
     ).format(patch=textwrap.indent(textwrap.dedent(patch), ""))
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, env=env)
+    return [sys.executable, "-c", code, *map(str, args)]
+
+
+ENV = {**os.environ, "PYTHONPATH": str(REPO)}
+
+
+def run_ncleaner(args: list, patch: str = "") -> subprocess.CompletedProcess:
+    """Run the CLI in a fresh interpreter after ``patch``; wait for it to end."""
+    return subprocess.run(ncleaner_command(args, patch), capture_output=True, text=True, env=ENV)
 
 
 def report_frame(report_dir: Path) -> pd.DataFrame:
@@ -141,12 +153,65 @@ def test_filter_killed_midway_leaves_no_shard_under_a_final_name_and_rerun_is_id
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".clean.")]  # the dead run's staging is gone
 
 
+def children_of(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            stat = (entry / "stat").read_text()
+        except (OSError, ValueError):
+            continue
+        if entry.name.isdigit() and int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+            found.append(int(entry.name))
+    return found
+
+
+def running(pid: int) -> bool:
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the worker processes through /proc")
+def test_score_killed_leaves_no_decode_worker_alive(small_model, tmp_path):
+    # The main process stops at its first batch, as a process the OOM killer picks stops: the workers
+    # have decoded blocks that nobody reads, and go on decoding until their queue is full.
+    held = """
+        import time
+        import ncleaner.encode
+        def held(*a, **k):
+            print("encoding", flush=True)
+            time.sleep(300)
+        ncleaner.encode.Encoder.__call__ = held
+    """
+    # Long captions make each decoded block larger than a pipe holds, so a worker's queue thread
+    # blocks writing it: the case DataLoader's own check of its parent does not end.
+    for s in range(4):
+        write_tar(tmp_path / "in" / f"{s:05d}.tar",
+                  [(f"{s}_{i}.{ext}", data) for i in range(16) for ext, data in
+                   (("jpg", jpeg_bytes((16 * i, 40 * s, 90))), ("txt", f"a photo {i} ".encode() * 800))])  # fmt: skip
+    args = ["score", tmp_path / "in", "--model", small_model, "--out", tmp_path / "r", "--workers", "2", "-q"]
+    proc = subprocess.Popen(ncleaner_command(args, held), stdout=subprocess.PIPE, text=True, env=ENV)
+    try:
+        assert proc.stdout.readline() == "encoding\n"
+        workers = children_of(proc.pid)
+        assert len(workers) == 2
+    finally:
+        proc.kill()
+        proc.wait()
+    deadline = time.monotonic() + 5
+    while (alive := [w for w in workers if running(w)]) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    for w in alive:
+        os.kill(w, signal.SIGKILL)  # not left behind by the test either
+    assert alive == [], "decode workers outlived their killed parent"
+
+
 def test_two_score_processes_on_one_report_directory(small_shards, small_model, reference_report, tmp_path):
     out = tmp_path / "report"
     args = [sys.executable, "-m", "ncleaner.cli", "score", str(small_shards), "--model", str(small_model),
             "--out", str(out), "--batch-size", "8", "--quiet"]  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    procs = [subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for _ in "ab"]
+    procs = [subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV) for _ in "ab"]
     results = [(p.wait(), p.stderr.read()) for p in procs]
     for code, stderr in results:
         assert code == 0 or (code == 1 and len(stderr.strip().splitlines()) == 1), stderr
@@ -241,7 +306,7 @@ def test_pipe_named_shard_in_a_directory_is_not_executed_by_any_command(small_sh
         ["fit", d, "--out", tmp_path / "m", "--epochs", "1", "--warmup-epochs", "0", "--quiet"],
     ):
         result = subprocess.run([sys.executable, "-m", "ncleaner.cli", *map(str, args)], cwd=d, capture_output=True,
-                                text=True, env={**os.environ, "PYTHONPATH": str(REPO)})  # fmt: skip
+                                text=True, env=ENV)  # fmt: skip
         assert result.returncode == 0, result.stderr
     assert not (d / "PWNED").exists() and not (tmp_path / "PWNED").exists()
 

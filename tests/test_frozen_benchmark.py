@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from ncleaner.model import TERMS
+
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "pipelines"))
 
@@ -61,7 +63,12 @@ def test_quick_frozen_benchmark_produces_every_table(tmp_path):
     assert {r["regime"] for r in detection} == {"seen", "unseen"}
     assert {r["mode"] for r in detection} == {"permute", "mix"}
     methods = {r["method"] for r in detection}
-    assert {"DisNCL", "clip_sim (frozen backbone)", "NCR-style InfoNCE + loss mixture", "w/o soft targets"} <= methods
+    assert {"DisNCL", "clip_sim (frozen backbone)", "NCR-style InfoNCE + loss mixture", "+ edit negatives",
+            "+ neighbourhood batches", "weight fixed at 1", "no self-check (score = mii_sim)"} <= methods  # fmt: skip
+    # The self-check's estimate and choice are next to the true difference of every DisNCL pool.
+    assert "self-check estimate" in text and "worst |estimate - gap|" in text
+    ours = [r for r in detection if r["method"] == "DisNCL" and r["column"] == "score"]
+    assert ours and all("selfcheck_gain" in r and r["score_term"] in TERMS for r in ours)
     mixed = [r for r in detection if r["mode"] == "mix" and r["column"] == "score"]
     assert all(f"auroc_{k}" in r for r in mixed for k in ("permute", "hard", "partial", "boilerplate"))
     assert all(0.0 <= r["auroc"] <= 1.0 for r in detection)

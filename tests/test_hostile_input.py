@@ -382,4 +382,4 @@ def test_fit_force_keeps_the_old_model_until_the_new_one_is_complete(small_shard
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".model.")]  # no staging left behind
     monkeypatch.undo()
     run_cli("fit", small_shards, "--out", model, "--epochs", "1", "--warmup-epochs", "0", "--force", "--quiet")
-    assert sorted(snapshot(model)) == ["calibration.json", "config.json", "model.safetensors"]
+    assert set(snapshot(model)) - {"selfcheck.json"} == {"calibration.json", "config.json", "model.safetensors"}

@@ -213,6 +213,29 @@ def test_dry_run_counts_what_the_real_run_writes_and_writes_nothing(inspect_pool
     assert again.exit_code == 1 and "directory is not empty" in again.output
 
 
+def test_shards_named_with_spaces_unicode_or_a_newline_get_parts_of_their_own_and_one_table_line(
+    small_shards, small_model, tmp_path
+):
+    # Such names gave report parts named "__" and "line": two shards could write one part.
+    d = tmp_path / "pool"
+    d.mkdir()
+    names = ["my shard.tar", "my\nshard.tar", "caf\u00e9 \u2028.tar"]
+    for name, source in zip(names, sorted(small_shards.glob("*.tar")), strict=True):
+        shutil.copy(source, d / name)
+    report = tmp_path / "report"
+    run_cli("score", d, "--model", small_model, "--out", report, "-q")
+    parts = sorted(p.name for p in report.glob("*.parquet"))
+    assert len(parts) == 3 and all(re.fullmatch(r"(my_shard|caf___)-[0-9a-f]{8}\.parquet", p) for p in parts), parts
+    frame = pd.read_parquet(report)
+    assert sorted(frame["shard"].unique()) == sorted(str(d / n) for n in names) and len(frame) == 96
+
+    dry = run_cli("filter", d, "--report", report, "--out", tmp_path / "clean", "--auto", "--dry-run")
+    table = dry.output.splitlines()
+    shown = [str(d / "my shard.tar"), str(d / "my\\nshard.tar"), str(d / "caf\u00e9 \\u2028.tar")]
+    for name in shown:
+        assert len([line for line in table if line.startswith(name + " ")]) == 1, dry.output
+
+
 def test_key_lists_override_the_rule_and_are_counted_apart(inspect_pool, tmp_path):
     report = _report(inspect_pool)
     ok = report[report["status"] == "ok"].sort_values("score")

@@ -97,6 +97,7 @@ def test_mii_heads_start_as_the_identity_so_mii_sim_starts_at_clip_sim():
     heads = DisNCLHeads(embed_dim=16, mei_dim=8, hidden_dim=32)
     f_v, f_t = torch.randn(4, 16), torch.randn(4, 16)
     v_s, t_s = heads.mii(f_v, f_t)
-    assert torch.allclose(losses.mii_similarity(v_s, t_s), F.cosine_similarity(f_v, f_t), atol=1e-6)
+    # Two float32 formulas of one cosine: they agree to rounding, which varies with the CPUs' kernels.
+    assert torch.allclose(losses.mii_similarity(v_s, t_s), F.cosine_similarity(f_v, f_t), atol=1e-5)
     split = heads(f_v, f_t)
     assert split.v_x.shape == (4, 8) and torch.allclose(split.v_x.norm(dim=-1), torch.ones(4))

@@ -240,7 +240,12 @@ def test_int_for_a_float_field_and_unknown_fields_are_accepted(model_copy):
     [
         ("config.json", "[1, 2]", "config.json: must be a JSON object"),
         ("config.json", "{not json", "config.json: cannot read JSON: Expecting property name"),
-        ("calibration.json", '{"mii_quantiles": [0.1], "soft_quantiles": [0.2]}', "missing field 'mixture'"),
+        ("calibration.json", '{"term": "clip_sim", "weight": 0}', "missing field 'mixture'"),
+        (
+            "calibration.json",
+            '{"mii_quantiles": [0.1], "soft_quantiles": [0.2]}',
+            "written by ncleaner 0.1 (before the anchored score); fit the model again",
+        ),
         ("calibration.json", "[]", "calibration.json: must be a JSON object"),
     ],
 )
@@ -256,8 +261,15 @@ def test_damaged_json_names_the_file_and_field(small_shards, model_copy, tmp_pat
         (lambda c: c["mixture"].pop("variances"), "missing field 'mixture.variances'"),
         (lambda c: c["mixture"].update(means=[0.1]), "field 'mixture.means' must be 2 finite numbers"),
         (lambda c: c["mixture"].update(clean=2), "field 'mixture.clean' must be 0 or 1, got 2"),
-        (lambda c: c.update(mii_quantiles=[]), "field 'mii_quantiles' must be a list of finite numbers"),
-        (lambda c: c.update(soft_quantiles=["x"]), "field 'soft_quantiles' must be a list of finite numbers"),
+        (lambda c: c["quantiles"].update(mii_sim=[]), "field 'quantiles.mii_sim' must be a list of finite numbers"),
+        (lambda c: c["quantiles"].pop("negclip"), "missing field 'quantiles.negclip'"),
+        (
+            lambda c: c.update(term="bogus"),
+            "field 'term' must be one of clip_sim, mii_sim, soft_agreement, negclip, got 'bogus'",
+        ),
+        (lambda c: c.update(weight=1.5), "field 'weight' must be in [0, 1], got 1.5"),
+        (lambda c: c.update(weight="x"), "field 'weight' must be 1 finite numbers"),
+        (lambda c: c.update(negclip_tau=0), "field 'negclip_tau' must be > 0, got 0.0"),
     ],
 )
 def test_calibration_fields_are_checked(model_copy, edit, problem, no_open_clip_build):

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import gzip
+import re
+import shutil
+
 import pytest
-from conftest import MESSY_STATUSES, jpeg_bytes, write_tar
+from conftest import MESSY_STATUSES, jpeg_bytes, run_cli, write_tar
 
 from ncleaner.backbone import build_backbone
 from ncleaner.decode import decode_pair
@@ -40,8 +44,36 @@ def test_missing_shards_fail_before_any_work(spec, message, tmp_path, monkeypatc
 
 
 def test_directory_without_shards_is_an_error(tmp_path):
-    with pytest.raises(NcleanerError, match="no .tar shards"):
+    with pytest.raises(NcleanerError, match=r"holds no shards \(\.tar, "):
         expand_shards(str(tmp_path))
+
+
+def test_a_directory_gives_every_tar_the_reader_opens_and_names_what_it_skips(small_shards, tmp_path):
+    # A directory once gave only its *.tar files: the gzip, .tgz and upper-case shards were left out unsaid,
+    # and a subdirectory named like a shard failed as one.
+    d = tmp_path / "pool"
+    (d / "sub.tar").mkdir(parents=True)
+    write_tar(d / "sub.tar" / "00009.tar", [("z.txt", b"inside a subdirectory")])
+    (d / "notes.txt").write_text("not a shard")
+    shutil.copy(small_shards / "00000.tar", d / "00000.tar")
+    for name, source in (("00001.tar.gz", "00001.tar"), ("00002.tgz", "00002.tar")):
+        (d / name).write_bytes(gzip.compress((small_shards / source).read_bytes()))
+    shutil.copy(small_shards / "00000.tar", d / "00003.TAR")
+    result = run_cli("inject-noise", d, "--out", tmp_path / "out", "--rate", "0")
+    assert "wrote 128 pairs to 4 shard(s)" in result.output
+    assert f"warning: {d / 'sub.tar'}: not a file, so not a shard; skipped" in result.output
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.tar")) == [f"{i:05d}.tar" for i in range(4)]
+
+
+def test_shard_names_that_need_changing_stay_distinct_and_recognisable():
+    urls = ["d/a b.tar", "d/a_b.tar", "d/café.tar", "d/line\n1.tar", "d/_x.tar", "d/00000.TAR", "d/y.tar.gz"]
+    names = shard_names(urls)
+    assert len(set(names)) == len(urls)
+    assert names[1] == "a_b" and names[5:] == ["00000", "y"]  # names already safe are kept as they are
+    for name, start in zip(names, ["a_b-", None, "caf_-", "line_1-", "x-"], strict=False):
+        if start:  # changed: a recognisable stem and 8 hex digits of the original name
+            assert name.startswith(start) and len(name) == len(start) + 8, name
+    assert all(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", n) for n in names)
 
 
 def test_colliding_shard_names_are_disambiguated():

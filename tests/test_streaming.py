@@ -132,8 +132,10 @@ def test_fit_then_score_with_embeddings_encode_each_pair_once_and_match(pool, ti
     from_emb = pd.read_parquet(tmp_path / "emb_report")
     assert list(plain["key"]) == list(from_emb["key"]) and (from_emb["status"] == "ok").all()
     for column in ("clip_sim", "mii_sim", "soft_agreement", "score", "clean_prob"):
-        # Fresh features are rounded to float16 as stored ones are: the same numbers, the same model.
-        np.testing.assert_allclose(from_emb[column], plain[column], atol=1e-6, err_msg=column)
+        # Fresh features are rounded to float16 as stored ones are: the same numbers, the same model. What
+        # is left is float32 rounding, which depends on batch shapes and on the CPU's BLAS kernels
+        # (1.7e-6 on clip_sim on an Intel Xeon): the margin holds on any machine.
+        np.testing.assert_allclose(from_emb[column], plain[column], rtol=0, atol=1e-5, err_msg=column)
 
 
 def test_score_with_embeddings_flags_changed_and_missing_samples(embedded, pool, tiny_checkpoint, tmp_path):
@@ -237,7 +239,9 @@ def test_fit_trains_on_a_uniform_sample_of_max_fit_pairs(pool, tiny_checkpoint, 
         DisNCLConfig(pretrained=str(tiny_checkpoint), epochs=1, warmup_epochs=0, batch_size=16, max_fit_pairs=50),
         workers=0,
     )
-    assert result.pairs_used == 50 and result.statuses["ok"] == 120
+    # A frozen backbone is not trained again after the self-check, so its slice stays out of training.
+    assert result.pairs_used + result.pairs_held_out == 50 and result.pairs_held_out > 0
+    assert not result.retrained and result.statuses["ok"] == 120
     config = json.loads((tmp_path / "model" / "config.json").read_text())
     assert config["max_fit_pairs"] == 50
 
