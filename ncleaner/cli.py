@@ -547,6 +547,11 @@ def embed(shards, backbone, pretrained, out_dir, batch_size, precision, device, 
     click.echo(
         f"embeddings {result.out_dir}: {result.statuses.get(OK, 0)} pairs embedded from "
         f"{len(result.embedded_shards)} shard(s)"
+        + (
+            f" ({len(result.reembedded_shards)} again: their parts were from other bytes)"
+            if result.reembedded_shards
+            else ""
+        )
         + (f", {len(result.skipped_shards)} shard(s) already there" if result.skipped_shards else "")
         + _not_ok_note(result.statuses, "not embedded")
         + _shard_notes(result.failed_shards, result.truncated_shards)

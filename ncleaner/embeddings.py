@@ -11,17 +11,24 @@ An embeddings directory has the layout clip-retrieval writes and LAION publishes
 
 ncleaner writes one part per input shard, N being the shard's name (as for report
 parts), metadata last, so a part whose metadata exists is complete and an
-interrupted ``embed`` resumes shard by shard. Rows are joined to samples on the
-sample key within the shard's part, never on position, and only when the caption
-and the image bytes' SHA-1 still match: a stale embedding is not used.
+interrupted ``embed`` resumes shard by shard. A part answers for the bytes it was
+computed from, not for the name: rows are joined to samples on the sample key,
+never on position, and a part is used only when every sample of the shard has its
+row with the same caption and image SHA-1, it was made under the same
+``--max-image-pixels`` rule, and its vectors are finite. Any other part is stale
+(``StalePart``): encoded again and replaced where ncleaner wrote the directory,
+refused where it cannot replace it. img2dataset names every pool's shards
+``00000.tar``, ``00001.tar``...: another pool's ``00000.tar`` is the case this guards.
 
 Directories written by clip-retrieval itself (no ``embeddings.json``, several
 input shards per part, no shard column) are read too when the caller names the
-backbone they came from; their rows are joined on the key alone.
+backbone they came from; their rows are joined on the key, and the caption is
+checked where they store one.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -98,6 +105,7 @@ class ShardFeatures:
     f_t: np.ndarray | None = None
     damage: str | None = None
     error: str | None = None
+    max_pixels: int | None = None  # the --max-image-pixels the statuses were decided under
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -122,13 +130,20 @@ class ShardFeatures:
         self.f_v = self.f_t = np.zeros((0, dim), dtype=np.float32)
 
 
+class StalePart(NcleanerError):
+    """A stored part does not answer for its shard's bytes as they are now; the message says why."""
+
+
 @dataclass
 class _Part:
-    """A stored part: per key, (status, row in the arrays or -1, caption, sha1)."""
+    """A stored part: per key, (status, row in the arrays or -1, caption, sha1); which rows are
+    finite; and what the part recorded about how it was made (``write``'s metadata)."""
 
     rows: dict[str, tuple[str, int, str | None, str | None]]
     img: np.ndarray
     txt: np.ndarray
+    finite: np.ndarray
+    info: dict = field(default_factory=dict)
 
 
 class EmbeddingStore:
@@ -215,23 +230,31 @@ class EmbeddingStore:
         for side, values in (("img", features.f_v), ("txt", features.f_t)):
             array = np.ascontiguousarray(values, dtype=np.float16)
             atomic_write(paths[side], lambda tmp, a=array: _save_npy(tmp, a))
+        made = {
+            "shard": features.url,
+            "damage": features.damage,
+            "max_image_pixels": features.max_pixels,
+            "fingerprint": _fingerprint(features.url),
+        }
         for kind, rows in (("skipped", ~ok), ("meta", ok)):
             table = _metadata_table(features, rows)
-            meta = {b"ncleaner": json.dumps({"shard": features.url, "damage": features.damage}).encode()}
-            table = table.replace_schema_metadata(meta)
+            table = table.replace_schema_metadata({b"ncleaner": json.dumps(made).encode()})
             atomic_write(paths[kind], lambda tmp, t=table: pq.write_table(t, tmp))
 
-    def read(self, name: str, url: str, shard_index: int) -> ShardFeatures:
+    def read(self, name: str, url: str, shard_index: int, *, max_pixels: int) -> ShardFeatures:
         """Shard ``url`` joined with the stored features: the shard is read (not decoded) for its keys.
 
-        A sample the store has no usable row for (absent, or its caption or image changed
-        since) gets status ``missing_embedding``.
+        Raises ``StalePart`` when the part does not answer for the shard as it is now: a sample
+        without its row (the part came from other bytes), a caption or image that changed since,
+        a part made from a truncated copy of a shard that is now complete, statuses decided under
+        another ``max_pixels``, or a row that is not finite. The caller encodes the shard again
+        (``shard_features``) or refuses; no sample is ever left without features it could have had.
         """
         if self.foreign:
             self._index_foreign()
         part = None if self.foreign else self._part(name)
-        out = ShardFeatures(shard_index, url)
-        rows, stale = [], 0
+        out = ShardFeatures(shard_index, url, max_pixels=max_pixels)
+        rows, absent, changed = [], 0, 0
         reader = read_shard(url)
         try:
             for raw in reader:
@@ -239,27 +262,94 @@ class EmbeddingStore:
                 image = image_member(raw)
                 sha1 = hashlib.sha1(image).hexdigest() if image is not None else None
                 stored, row = self._lookup(part, raw.key)
-                status = raw.problem or (stored[0] if stored else schema.MISSING_EMBEDDING)
-                if stored and (stored[2] != caption or (stored[3] is not None and stored[3] != sha1)):
-                    status, stale = schema.MISSING_EMBEDDING, stale + 1
-                if status == schema.OK:
+                if stored is None:
+                    absent += 1
+                elif self._differs(stored, caption, sha1):
+                    changed += 1
+                status = raw.problem or (stored[0] if stored else schema.OK)
+                if status == schema.OK and stored is not None:
                     rows.append(row)
                 out.add(raw.key, raw.index, caption, link, status, meta, sha1)
         except UnreadableShard as exc:
             return ShardFeatures(shard_index, url, error=str(exc))
-        if stale:
-            logger.warning(
-                "%s: %d sample(s) changed since their embeddings were computed (caption or image differs); "
-                "they are scored as missing_embedding",
-                url,
-                stale,
-            )
-        img, txt = self._arrays(part, rows)
-        out.f_v, out.f_t = img, txt
         out.damage = reader.damage
+        reason = self._stale_reason(part, rows, len(out), absent, changed, out.damage, max_pixels)
+        if reason:
+            where = f"{self.root}" if self.foreign else f"part {name} of {self.root}"
+            raise StalePart(f"{url}: {where} does not answer for it: {reason}")
+        out.f_v, out.f_t = self._arrays(part, rows)
         if out.damage:
             out.flag_damage()
         return out
+
+    def _differs(self, stored, caption, sha1) -> bool:
+        if self.foreign:  # another tool stores no image hash, and may store no caption
+            return stored[2] is not None and stored[2] != caption
+        return stored[2] != caption or stored[3] != sha1
+
+    def _stale_reason(self, part, rows, samples, absent, changed, damage, max_pixels) -> str | None:
+        """Why the stored features may not be used for the shard as ``read`` found it (None: they may)."""
+        if absent:
+            return f"{absent} of its {samples} samples have no row there (embedded from other bytes?)"
+        if changed:
+            return f"{changed} sample(s) changed since they were embedded (caption or image differs)"
+        if self.foreign:
+            finite = [self._foreign_parts[p].finite[r] for p, r in rows]
+        else:
+            finite = part.finite[[r for _, r in rows]] if rows else []
+            recorded_damage = part.info.get("damage")
+            if recorded_damage and not damage:
+                return f"it was embedded from a damaged copy ({recorded_damage}) and reads complete now"
+            recorded = part.info.get("max_image_pixels")
+            # Fewer pixels allowed may turn stored ok rows too_large; more only frees stored too_large ones.
+            if recorded is not None and recorded != max_pixels:
+                if max_pixels < recorded or any(s == schema.TOO_LARGE for s, *_ in part.rows.values()):
+                    return f"its statuses were decided under --max-image-pixels {recorded}, this run uses {max_pixels}"
+        bad = int(np.size(finite) - np.count_nonzero(finite))
+        if bad:
+            return f"{bad} stored feature row(s) are not finite"
+        return None
+
+    def stale(self, name: str, url: str, *, max_pixels: int) -> str | None:
+        """Why the complete part ``name`` does not answer for shard ``url`` as it is now (None: it
+        does). A local shard whose size and modification time are those recorded when the part
+        was written is taken on trust; any other is read and checked as ``read`` checks it."""
+        if not self.foreign:
+            info = _part_info(self._paths(name)["meta"])
+            same_rule = info.get("max_image_pixels") == max_pixels
+            if same_rule and info.get("fingerprint") is not None and info["fingerprint"] == _fingerprint(url):
+                return None
+        try:
+            self.read(name, url, 0, max_pixels=max_pixels)
+        except StalePart as stale:
+            return str(stale)
+        return None
+
+    def to_embed(self, urls: list[str], names: list[str], *, max_pixels: int) -> list[tuple[str, str, str | None]]:
+        """(url, name, why the stored part is stale or None when there is none) of every shard this
+        store has no part for that answers for it: what ``embed`` (and ``fit`` on Ray) encodes."""
+        todo = []
+        for url, name in zip(urls, names, strict=True):
+            stale = self.stale(name, url, max_pixels=max_pixels) if self.has(name) else None
+            if stale:
+                logger.warning("%s; embedding it again", stale)
+            if stale or not self.has(name):
+                todo.append((url, name, stale))
+        return todo
+
+    def replaceable(self, stale: StalePart) -> None:
+        """Raise the one-line refusal for ``stale`` unless this run may encode the shard again and
+        replace its part: ncleaner never rewrites another tool's directory or a read-only one."""
+        if self.foreign:
+            raise NcleanerError(
+                f"{stale}; the directory was written by another tool, so ncleaner does not replace its parts "
+                "(embed these shards with ncleaner embed, or leave out --embeddings)"
+            )
+        if not os.access(self.root / "metadata", os.W_OK):
+            raise NcleanerError(
+                f"{stale}; the directory is read-only, so the part cannot be replaced "
+                "(embed these shards again where it can be written, or leave out --embeddings)"
+            )
 
     def _lookup(self, part, key: str):
         if self.foreign:
@@ -286,6 +376,7 @@ class EmbeddingStore:
     def _part(self, name: str) -> _Part:
         paths = self._paths(name)
         meta = _read_parquet(paths["meta"])
+        info = _recorded(meta.schema.metadata, paths["meta"])
         skipped = _read_parquet(paths["skipped"]) if paths["skipped"].is_file() else None
         img, txt = (_load_npy(paths[side], self.identity["dim"]) for side in ("img", "txt"))
         if not len(img) == len(txt) == meta.num_rows:
@@ -304,7 +395,7 @@ class EmbeddingStore:
                 strict=True,
             ):
                 rows.setdefault(key, (status, -1, caption, sha1))
-        return _Part(rows, img, txt)
+        return _Part(rows, img, txt, _finite_rows(img, txt), info)
 
     def _index_foreign(self) -> None:
         """Index every part of a clip-retrieval directory by key (once; keys are unique in a pool)."""
@@ -328,7 +419,7 @@ class EmbeddingStore:
                 # Without a stored caption nothing can be checked: the key alone joins.
                 rows[key] = (schema.OK, i, caption, None)
                 self._foreign_index[key] = (p, i)
-            self._foreign_parts.append(_Part(rows, img, txt))
+            self._foreign_parts.append(_Part(rows, img, txt, _finite_rows(img, txt)))
 
 
 def open_for_model(root: str | Path, config, *, create: bool, assume_backbone: str | None = None) -> EmbeddingStore:
@@ -362,6 +453,41 @@ def _check_identity(path: Path, info: dict, identity: dict) -> None:
             f"{path}: embeddings of {info.get('backbone')} with weights {info.get('pretrained')} ({theirs_short}), "
             f"but this run uses {identity.get('pretrained')} ({mine_short})"
         )
+
+
+def _fingerprint(url: str) -> list[int] | None:
+    """A local shard's size and modification time: what ``answers_for`` trusts without reading it."""
+    try:
+        st = os.stat(url)
+    except (OSError, ValueError):
+        return None  # a URL or pipe: spec is read and checked
+    return [st.st_size, st.st_mtime_ns]
+
+
+def _recorded(metadata: dict | None, path: Path) -> dict:
+    """What ``EmbeddingStore.write`` recorded in a part's Parquet metadata (empty for an older part)."""
+    raw = (metadata or {}).get(b"ncleaner")
+    try:
+        info = json.loads(raw) if raw else {}
+    except ValueError as exc:
+        raise NcleanerError(f"{path}: its ncleaner metadata is not JSON: {first_line(exc)}") from exc
+    if not isinstance(info, dict):
+        raise NcleanerError(f"{path}: its ncleaner metadata is not a JSON object")
+    return info
+
+
+def _part_info(path: Path) -> dict:
+    """``_recorded`` of the part at ``path``, from its footer alone (no rows are read)."""
+    try:
+        metadata = pq.read_schema(path).metadata
+    except Exception as exc:
+        raise NcleanerError(f"{path}: cannot read: {first_line(exc)}") from exc
+    return _recorded(metadata, path)
+
+
+def _finite_rows(img: np.ndarray, txt: np.ndarray) -> np.ndarray:
+    """Per row, whether both vectors are finite (a NaN row is a damaged part, never a feature)."""
+    return np.isfinite(img).all(axis=1) & np.isfinite(txt).all(axis=1) if len(img) else np.zeros(0, bool)
 
 
 def _canonical(x: np.ndarray) -> np.ndarray:
@@ -469,7 +595,9 @@ def compute_features(
     dim = encoder.backbone.embed_dim
     for group in by_shard(_encoded(blocks, encoder, progress)):
         last = group[-1]
-        shard = ShardFeatures(indices[last.shard_index], last.url, damage=last.damage, error=last.error)
+        shard = ShardFeatures(
+            indices[last.shard_index], last.url, damage=last.damage, error=last.error, max_pixels=max_pixels
+        )
         for block in group:
             for p in block.pairs:
                 shard.add(p.raw.key, p.raw.index, p.caption, p.url, p.status, p.meta, p.image_sha1)
@@ -495,32 +623,45 @@ def shard_features(
     max_pixels: int,
     progress: Callable[[int], None] | None = None,
 ) -> Iterator[ShardFeatures]:
-    """Every shard's features in order: read from ``store`` where it has the shard's part,
-    computed (and written to ``store``, unless it is another tool's) where it has not."""
+    """Every shard's features in order: read from ``store`` where its part answers for the shard,
+    computed (and written to ``store``) where the store has no part or a stale one.
+
+    A stale part (``StalePart``: the shard's bytes are not those it was computed from) is
+    replaced by a fresh encoding of the shard, with a warning; in a store ncleaner may not
+    rewrite (another tool's, a read-only one) it is refused instead.
+    """
     stored = [store is not None and store.has(n) for n in names]
     todo = [i for i, s in enumerate(stored) if not s]
-    computed = compute_features(
-        [urls[i] for i in todo],
-        encoder,
+    encode = functools.partial(
+        compute_features,
+        encoder=encoder,
         preprocess=preprocess,
         tokenizer=tokenizer,
         batch_size=batch_size,
-        workers=workers,
         max_pixels=max_pixels,
-        first_index=todo,
         progress=progress,
     )
+    computed = encode([urls[i] for i in todo], workers=workers, first_index=todo)
     for i, (url, name) in enumerate(zip(urls, names, strict=True)):
-        if stored[i]:
-            features = store.read(name, url, i)
+        features = _stored_features(store, name, url, i, max_pixels) if stored[i] else None
+        if features is not None:
             if progress:
                 progress(len(features))
-            yield features
-            continue
-        features = next(computed)
-        if store is not None and not features.error:
-            store.write(name, features)
+        else:
+            features = next(encode([url], workers=min(workers, 1), first_index=[i]) if stored[i] else computed)
+            if store is not None and not features.error:
+                store.write(name, features)
         yield features
+
+
+def _stored_features(store: EmbeddingStore, name: str, url: str, index: int, max_pixels: int) -> ShardFeatures | None:
+    """Shard ``url`` from its stored part, or None when the part is stale and may be replaced."""
+    try:
+        return store.read(name, url, index, max_pixels=max_pixels)
+    except StalePart as stale:
+        store.replaceable(stale)
+        logger.warning("%s; encoding it again", stale)
+        return None
 
 
 def model_features(
@@ -551,13 +692,15 @@ def model_features(
 
 @dataclass
 class EmbedResult:
-    """What ``embed`` did: pairs embedded, statuses of all samples, shards done now, before, or not at all."""
+    """What ``embed`` did: pairs embedded, statuses of all samples, shards done now, before, or not
+    at all; ``reembedded_shards`` are the embedded ones whose earlier part was stale (``StalePart``)."""
 
     out_dir: Path
     identity: dict
     statuses: Counter = field(default_factory=Counter)
     embedded_shards: list[str] = field(default_factory=list)
     skipped_shards: list[str] = field(default_factory=list)
+    reembedded_shards: list[str] = field(default_factory=list)
     failed_shards: dict[str, str] = field(default_factory=dict)
     truncated_shards: list[str] = field(default_factory=list)
 
@@ -585,7 +728,8 @@ def embed(
     Args:
         shards: SHARDS in any form ``expand_shards`` takes.
         out_dir: the embeddings directory (layout in this module's docstring). Shards whose
-            part it already holds are skipped, so an interrupted run resumes.
+            part it already holds, made from the same bytes, are skipped, so an interrupted run
+            resumes; a part made from other bytes is replaced.
         backbone: open_clip model name.
         pretrained: open_clip pretrained tag or local checkpoint file (required: the
             features of a random backbone are of no use to a later run).
@@ -621,9 +765,11 @@ def embed(
     identity = backbone_identity(backbone, pretrained, model.embed_dim)
     store = EmbeddingStore.open(out_dir, identity, create=True)
     result = EmbedResult(Path(out_dir), identity)
-    todo = []
-    for url, name in zip(urls, names, strict=True):
-        (result.skipped_shards if store.has(name) else todo).append((url, name))
+    pending = store.to_embed(urls, names, max_pixels=max_image_pixels)
+    todo = [(url, name) for url, name, _ in pending]
+    result.reembedded_shards = [url for url, _, stale in pending if stale]
+    waiting = {url for url, _ in todo}
+    result.skipped_shards = [url for url in urls if url not in waiting]
     if result.skipped_shards:
         logger.info("skipped %d shard(s) already embedded", len(result.skipped_shards))
     if engine == "ray":

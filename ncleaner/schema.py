@@ -36,9 +36,6 @@ SPECIAL_MEMBER = "special_member"
 UNRESOLVED_LINK = "unresolved_link"
 TRUNCATED_SHARD = "truncated_shard"
 
-# Embeddings stage (``--embeddings``): the sample is readable but has no stored features to score.
-MISSING_EMBEDDING = "missing_embedding"
-
 STATUSES = {
     OK: "decoded and scored",
     MISSING_IMAGE: "no jpg/jpeg/png/webp member",
@@ -56,8 +53,6 @@ STATUSES = {
     UNRESOLVED_LINK: "a hard link whose target is not an earlier member of the same tar",
     TRUNCATED_SHARD: "the shard ends early (no end-of-archive block, or cut inside a member): every sample "
     "read from it is flagged, because the cut may have taken members",
-    MISSING_EMBEDDING: "--embeddings has no features for the sample (not embedded, or its caption or image "
-    "changed since): run embed on its shard again",
 }
 
 SCORE_COLUMNS = ("clip_sim", "mii_sim", "soft_agreement", "score", "clean_prob")

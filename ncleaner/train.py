@@ -437,7 +437,8 @@ def _embed_on_ray(urls: list[str], store: EmbeddingStore, config: DisNCLConfig, 
     """
     from .distributed import embed_on_ray
 
-    todo = [(u, n) for u, n in zip(urls, shard_names(urls), strict=True) if not store.has(n)]
+    pending = store.to_embed(urls, shard_names(urls), max_pixels=reading["max_image_pixels"])
+    todo = [(url, name) for url, name, _ in pending]
     if not todo:
         return
     # An unreadable shard gets no part: the pass that follows meets it again, and stops at it

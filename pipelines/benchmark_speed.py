@@ -362,7 +362,7 @@ class Bench:
         cli = ["score", pool, "--model", self.work / "models" / "emb", "--embeddings", emb]
         cli += ["--out", self.work / "reports" / f"emb_{scale}x", "--batch-size", self.args.batch_size, "-q"]
         run = self.ncleaner(f"score_embeddings_{scale}x", pairs, *cli, *self.workers("score --workers"))
-        if "missing_embedding" in run.tail:  # the replicated parts were not matched: this was not scoring alone
+        if "encoding it again" in run.tail:  # the replicated parts were not matched: this was not scoring alone
             raise StepFailed(f"score did not find the replicated embeddings: {run.tail}")
         cpu = net(run, self.runs.get("import_score"))
         measured = f"{run.wall_s:.1f} s wall, {run.cpu_s:.1f} CPU s with process start and imports, "

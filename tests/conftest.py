@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import shutil
 import tarfile
 from pathlib import Path
 
@@ -37,6 +38,17 @@ def write_tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
 def tar_members(path: Path) -> dict[str, bytes]:
     with tarfile.open(path) as tf:
         return {m.name: tf.extractfile(m).read() for m in tf.getmembers() if m.isfile()}
+
+
+def copy_with_changed_caption(pool: Path, out: Path, shard: str, caption: bytes) -> str:
+    """Copy the shards of ``pool`` to ``out`` with the first sample of ``shard`` given another
+    caption (every other byte of it kept); returns that sample's key."""
+    shutil.copytree(pool, out)
+    members = tar_members(out / shard)
+    first = sorted({name.split(".")[0] for name in members})[0]
+    members[f"{first}.txt"] = caption
+    write_tar(out / shard, sorted(members.items()))
+    return first
 
 
 def run_cli(*args: str, ok: bool = True):

@@ -11,7 +11,7 @@ import open_clip
 import pandas as pd
 import pytest
 import torch
-from conftest import run_cli, tar_members, write_tar
+from conftest import copy_with_changed_caption, run_cli, tar_members
 
 import ncleaner.decode
 import ncleaner.encode
@@ -138,27 +138,85 @@ def test_fit_then_score_with_embeddings_encode_each_pair_once_and_match(pool, ti
         np.testing.assert_allclose(from_emb[column], plain[column], rtol=0, atol=1e-5, err_msg=column)
 
 
-def test_score_with_embeddings_flags_changed_and_missing_samples(embedded, pool, tiny_checkpoint, tmp_path):
-    model = _fit_frozen(pool, tmp_path / "model", tiny_checkpoint, "--embeddings", embedded)
+@pytest.fixture(scope="module")
+def frozen_model(pool, tiny_checkpoint, tmp_path_factory) -> Path:
+    return _fit_frozen(pool, tmp_path_factory.mktemp("frozen") / "model", tiny_checkpoint)
+
+
+def test_score_with_embeddings_encodes_changed_and_missing_shards_again(
+    embedded, pool, frozen_model, tmp_path, monkeypatch, caplog
+):
     shards = tmp_path / "shards"
-    shutil.copytree(pool, shards)
-    members = tar_members(shards / "00000.tar")
-    first = sorted({name.split(".")[0] for name in members})[0]
-    members[f"{first}.txt"] = b"a caption written after the embeddings were"
-    write_tar(shards / "00000.tar", sorted(members.items()))
+    first = copy_with_changed_caption(pool, shards, "00000.tar", b"a caption written after the embeddings were")
     emb = tmp_path / "emb"
     shutil.copytree(embedded, emb)
     for sub, name in (("img_emb", "img_emb"), ("text_emb", "text_emb"), ("metadata", "metadata")):
         suffix = "parquet" if sub == "metadata" else "npy"
         (emb / sub / f"{name}_00002.{suffix}").unlink()  # this shard is not embedded yet
 
-    result = score(str(shards), model, tmp_path / "report", embeddings=emb, workers=0)
+    counted = _count_encoded(monkeypatch)
+    result = score(str(shards), frozen_model, tmp_path / "report", embeddings=emb, workers=0)
+    # The changed shard and the missing one were encoded; the untouched one was read from EMB.
+    assert sum(counted) == 80 and result.statuses == {"ok": 120}
+    assert "00000.tar: part 00000 of" in caplog.text and "1 sample(s) changed" in caplog.text
     report = pd.read_parquet(tmp_path / "report")
-    changed = report[report["key"] == first]
-    assert list(changed["status"]) == ["missing_embedding"] and changed["score"].isna().all()
-    assert result.statuses["ok"] == 119
-    # The shard EMB lacked was encoded, scored, and added to EMB for the next run.
+    assert report.loc[report["key"] == first, "caption"].item() == "a caption written after the embeddings were"
+    # Both parts now hold what the shards hold, so the next run encodes nothing.
+    meta = pd.read_parquet(emb / "metadata" / "metadata_00000.parquet")
+    assert meta.loc[meta["image_path"] == first, "caption"].item() == "a caption written after the embeddings were"
     assert (emb / "metadata" / "metadata_00002.parquet").is_file()
+    score(str(shards), frozen_model, tmp_path / "again", embeddings=emb, workers=0)
+    assert sum(counted) == 80
+
+
+def test_another_pools_shard_of_the_same_name_is_encoded_not_matched(embedded, frozen_model, tiny_checkpoint, tmp_path):
+    """img2dataset names every pool's first shard 00000.tar: a part is tied to bytes, not to a name."""
+    other = tmp_path / "other"
+    write_synthetic_shards(other, n_samples=40, shard_size=40, noise_rate=0.25, seed=11)
+    emb = tmp_path / "emb"
+    shutil.copytree(embedded, emb)
+    run_cli("score", other, "--model", frozen_model, "--out", tmp_path / "plain", "-q")
+    run_cli("score", other, "--model", frozen_model, "--out", tmp_path / "emb_report", "--embeddings", emb, "-q")
+    plain, from_emb = pd.read_parquet(tmp_path / "plain"), pd.read_parquet(tmp_path / "emb_report")
+    assert (from_emb["status"] == "ok").all() and list(from_emb["caption"]) == list(plain["caption"])
+    np.testing.assert_allclose(from_emb["score"], plain["score"], rtol=0, atol=1e-5)
+    # score replaced the part with the other pool's, so embed finds it current.
+    again = run_cli("embed", other, "--backbone", "ncleaner-tiny", "--pretrained", tiny_checkpoint, "--out", emb)
+    assert "0 pairs embedded from 0 shard(s), 1 shard(s) already there" in again.output
+
+
+def test_embed_replaces_a_part_made_from_a_truncated_copy(pool, tiny_checkpoint, tmp_path):
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    complete = (pool / "00000.tar").read_bytes()
+    (shards / "00000.tar").write_bytes(complete[: len(complete) // 2])
+    args = ("embed", shards, "--backbone", "ncleaner-tiny", "--pretrained", tiny_checkpoint, "--out", tmp_path / "e")
+    cut = run_cli(*args)
+    assert "1 truncated shard(s) flagged" in cut.output
+    (shards / "00000.tar").write_bytes(complete)
+    whole = run_cli(*args)
+    assert "40 pairs embedded from 1 shard(s) (1 again: their parts were from other bytes)" in whole.output
+    assert "no row there" in whole.output or "damaged copy" in whole.output
+    assert len(pd.read_parquet(tmp_path / "e" / "metadata" / "metadata_00000.parquet")) == 40
+
+
+def test_statuses_of_another_max_image_pixels_and_non_finite_rows_are_not_used(
+    pool, tiny_checkpoint, frozen_model, tmp_path
+):
+    emb = tmp_path / "emb"
+    run_cli("embed", pool, "--backbone", "ncleaner-tiny", "--pretrained", tiny_checkpoint, "--out", emb,
+            "--max-image-pixels", "1000", "-q")  # fmt: skip
+    assert set(pd.read_parquet(emb / "skipped" / "skipped_00000.parquet")["status"]) == {"too_large"}
+    run_cli("score", pool, "--model", frozen_model, "--out", tmp_path / "r", "--embeddings", emb, "-q")
+    assert (pd.read_parquet(tmp_path / "r")["status"] == "ok").all()  # decided again under the default
+    img = np.load(emb / "img_emb" / "img_emb_00001.npy")
+    img[3] = np.nan
+    np.save(emb / "img_emb" / "img_emb_00001.npy", img)
+    result = run_cli("score", pool, "--model", frozen_model, "--out", tmp_path / "r2", "--embeddings", emb)
+    assert "00001.tar: part 00001 of" in result.output and "1 stored feature row(s) are not finite" in result.output
+    report = pd.read_parquet(tmp_path / "r2")
+    assert (report["status"] == "ok").all() and report["score"].notna().all()
+    assert np.isfinite(np.load(emb / "img_emb" / "img_emb_00001.npy")).all()
 
 
 def test_embeddings_of_another_backbone_are_refused(embedded, pool, tmp_path):
@@ -203,6 +261,15 @@ def test_clip_retrieval_directory_is_read_with_named_backbone(embedded, pool, ti
     fresh, read = pd.read_parquet(tmp_path / "r1"), pd.read_parquet(tmp_path / "r2")
     np.testing.assert_allclose(read["score"], fresh["score"], atol=1e-4)
     assert list(read["key"]) == list(fresh["key"])
+
+    # A changed caption cannot be re-encoded into another tool's directory: refused in one line.
+    shards = tmp_path / "shards"
+    copy_with_changed_caption(pool, shards, "00001.tar", b"another caption")
+    refused = run_cli("score", shards, "--model", model, "--out", tmp_path / "r3", "--embeddings", foreign,
+                      "--embeddings-backbone", "ncleaner-tiny", "-q", ok=False)  # fmt: skip
+    assert refused.exit_code == 1 and len(refused.output.strip().splitlines()) == 1, refused.output
+    assert "00001.tar: " in refused.output and "1 sample(s) changed" in refused.output
+    assert "written by another tool" in refused.output
 
 
 def test_report_does_not_depend_on_decode_workers(small_shards, small_model, tmp_path, monkeypatch):
