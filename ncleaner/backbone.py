@@ -9,6 +9,8 @@ the tests run offline on a CPU; it is not a substitute for a real backbone.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import logging
 import os
 from contextlib import contextmanager
@@ -41,6 +43,25 @@ class Backbone:
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
         """F_T: raw (unnormalised) text features."""
         return self.model.encode_text(tokens)
+
+
+def checkpoint_sha256(path: str | os.PathLike) -> str:
+    """The SHA-256 of a local checkpoint file: what identifies its weights wherever the file lies.
+
+    Hashed once per version of the file in a process (keyed by its real path, size and mtime),
+    so that a run that both loads a model and opens its embeddings reads the file once.
+    """
+    st = os.stat(path)
+    return _sha256(os.path.realpath(path), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=16)
+def _sha256(path: str, size: int, mtime_ns: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def build_backbone(name: str, pretrained: str | None, device: str | torch.device = "cpu") -> Backbone:

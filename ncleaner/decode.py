@@ -15,9 +15,7 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import functools
-import hashlib
 import io
-import json
 import os
 import signal
 import sys
@@ -36,10 +34,7 @@ from . import schema
 from .config import DEFAULT_MAX_IMAGE_PIXELS
 from .errors import UnreadableShard
 from .schema import OK
-from .shards import RawSample, read_shard
-
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
-JSON_CAPTION_FIELDS = ("caption", "text")
+from .shards import IMAGE_EXTENSIONS, RawSample, image_member, only_dotted, read_shard, read_text_fields, sha1_of
 
 
 @dataclass
@@ -52,60 +47,11 @@ class Pair:
     url: str | None = None
     meta: dict = field(default_factory=dict)
     image: torch.Tensor | None = None
-    image_sha1: str | None = None  # of the image member's bytes: what an embedding was computed from
+    image_sha1: str | None = None  # of the image member's bytes: what an embedding or score was computed from
 
     @property
     def ok(self) -> bool:
         return self.status == OK
-
-
-def _member(members: dict[str, bytes], extension: str) -> bytes | None:
-    for name, data in members.items():
-        if name.lower() == extension:
-            return data
-    return None
-
-
-def _ambiguous(members: dict[str, bytes], extensions: Iterable[str]) -> bool:
-    """Whether a wanted member only exists under a dotted name (``001.jpg`` in sample ``img``)."""
-    return any(name.lower().endswith(f".{ext}") for name in members for ext in extensions)
-
-
-def read_text_fields(raw: RawSample) -> tuple[str | None, str | None, dict, str]:
-    """(caption, url, json metadata, status) of a sample, without touching its image."""
-    meta: dict = {}
-    json_status = OK
-    json_bytes = _member(raw.members, "json")
-    if json_bytes is not None:
-        try:
-            parsed = json.loads(json_bytes.decode("utf-8"))
-            meta = parsed if isinstance(parsed, dict) else {}
-        except (UnicodeDecodeError, ValueError, RecursionError):  # a deeply nested json overflows the parser
-            json_status = schema.BAD_JSON
-    url = meta.get("url") if isinstance(meta.get("url"), str) else None
-    txt = _member(raw.members, "txt")
-    if txt is not None:
-        try:
-            caption = txt.decode("utf-8")
-        except UnicodeDecodeError:
-            # Shown in the report for the curator, never scored: replacement characters are not a caption.
-            return txt.decode("utf-8", errors="replace"), url, meta, schema.BAD_CAPTION
-        # A broken json does not matter when the txt member gives the caption.
-        return (caption, url, meta, OK) if caption.strip() else (None, url, meta, schema.MISSING_CAPTION)
-    caption = next((meta[f] for f in JSON_CAPTION_FIELDS if isinstance(meta.get(f), str)), None)
-    if caption is not None and caption.strip():
-        return caption, url, meta, json_status
-    if json_status != OK:
-        return None, url, meta, json_status
-    if _ambiguous(raw.members, ("txt", "json")):
-        return None, url, meta, schema.AMBIGUOUS_MEMBERS
-    return None, url, meta, schema.MISSING_CAPTION
-
-
-def image_member(raw: RawSample) -> bytes | None:
-    """The bytes of the sample's image: its first jpg, jpeg, png or webp member."""
-    members = raw.members
-    return next((d for ext in IMAGE_EXTENSIONS if (d := _member(members, ext)) is not None), None)
 
 
 def decode_pair(
@@ -120,15 +66,17 @@ def decode_pair(
     pixel is decoded.
     """
     caption, url, meta, text_status = read_text_fields(raw)
-    pair = Pair(raw=raw, status=raw.problem or text_status, caption=caption, url=url, meta=meta)
+    image_bytes = image_member(raw)
+    # Hashed whatever the status: a report or an embedding names the bytes it judged, usable or not.
+    pair = Pair(
+        raw=raw, status=raw.problem or text_status, caption=caption, url=url, meta=meta, image_sha1=sha1_of(image_bytes)
+    )
     if raw.problem:
         return pair  # the tar itself disqualifies the sample: its image is not worth decoding
-    image_bytes = image_member(raw)
     if image_bytes is None:
-        ambiguous = _ambiguous(raw.members, IMAGE_EXTENSIONS)
+        ambiguous = only_dotted(raw.members, IMAGE_EXTENSIONS)
         pair.status = schema.AMBIGUOUS_MEMBERS if ambiguous else schema.MISSING_IMAGE
         return pair
-    pair.image_sha1 = hashlib.sha1(image_bytes).hexdigest()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)

@@ -29,7 +29,6 @@ checked where they store one.
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import logging
 import os
@@ -44,13 +43,13 @@ import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from . import __version__, schema
-from .backbone import build_backbone, download_reason, resolve_device
+from .backbone import build_backbone, checkpoint_sha256, download_reason, resolve_device
 from .config import DEFAULT_MAX_IMAGE_PIXELS
-from .decode import by_shard, decode_blocks, default_workers, image_member, read_text_fields
+from .decode import by_shard, decode_blocks, default_workers
 from .distributed import check_engine
 from .encode import Encoder
 from .errors import NcleanerError, UnreadableShard, first_line, settle_unreadable
-from .shards import expand_shards, read_shard, shard_names
+from .shards import expand_shards, image_member, read_shard, read_text_fields, sha1_of, shard_names
 from .writer import atomic_write, output_error, remove_stale_partials, write_json
 
 logger = logging.getLogger(__name__)
@@ -79,11 +78,7 @@ def backbone_identity(backbone: str, pretrained: str | None, dim: int) -> dict:
     """
     identity = {"backbone": backbone, "pretrained": pretrained, "dim": dim}
     if pretrained and os.path.isfile(pretrained):
-        digest = hashlib.sha256()
-        with open(pretrained, "rb") as f:
-            while chunk := f.read(1 << 24):
-                digest.update(chunk)
-        identity.update(pretrained=os.path.basename(pretrained), pretrained_sha256=digest.hexdigest())
+        identity.update(pretrained=os.path.basename(pretrained), pretrained_sha256=checkpoint_sha256(pretrained))
     return identity
 
 
@@ -259,8 +254,7 @@ class EmbeddingStore:
         try:
             for raw in reader:
                 caption, link, meta, _ = read_text_fields(raw)
-                image = image_member(raw)
-                sha1 = hashlib.sha1(image).hexdigest() if image is not None else None
+                sha1 = sha1_of(image_member(raw))
                 stored, row = self._lookup(part, raw.key)
                 if stored is None:
                     absent += 1

@@ -30,7 +30,7 @@ from . import schema
 from .distributed import check_engine
 from .errors import NcleanerError, UnreadableShard, first_line
 from .schema import AUTO_RULE, SCORE_COLUMNS, Rule, failed_marker, report_paths
-from .shards import expand_shards, is_local, read_shard, shard_names
+from .shards import RawSample, expand_shards, image_member, is_local, read_shard, read_text_fields, sha1_of, shard_names
 from .writer import (
     MANIFEST,
     ShardSink,
@@ -526,27 +526,67 @@ def route_shard(url: str, report: pd.DataFrame, outcomes: list[str], kept, rejec
     ``kept`` and ``rejected`` (None: rejected samples are not written) take ``write_raw``.
     The shard is checked against its report as it is read: a changed shard is an error.
     """
-    keys, statuses = report["key"].tolist(), report["status"].tolist()
+    scored, statuses = ScoredSamples(url, report), report["status"].tolist()
     reader = read_shard(url)
     n = 0
     for raw in reader:
-        if n >= len(keys) or keys[n] != raw.key:
-            raise NcleanerError(
-                f"{url}: sample {n} ({raw.key}) does not match its report row; the shard changed "
-                "since it was scored (run ncleaner score --overwrite)"
-            )
+        scored.check(n, raw)
         if is_kept(outcomes[n]):
             kept.write_raw(raw)
         elif rejected is not None:
             rejected.write_raw(raw)
         n += 1
-    if n != len(keys):
-        raise NcleanerError(f"{url}: has {n} samples but its report has {len(keys)} rows")
+    if n != len(scored):
+        raise NcleanerError(f"{url}: has {n} samples but its report has {len(scored)} rows")
     flagged = n > 0 and all(s == schema.TRUNCATED_SHARD for s in statuses)
     if bool(reader.damage) != flagged:
         state = f"is damaged ({reader.damage})" if reader.damage else "is intact"
         raise NcleanerError(f"{url}: {state} but its report says otherwise; the shard changed since it was scored")
     return bool(reader.damage)
+
+
+class ScoredSamples:
+    """What identifies the sample each report row of shard ``url`` was scored from: its position,
+    key, caption and image SHA-1 (a report written before ncleaner stored the hash: key and caption).
+
+    ``filter`` and ``inspect`` read the shard again; ``check`` refuses, in one line, a sample
+    that is not the one its row judged, so no old score stands for new bytes.
+    """
+
+    def __init__(self, url: str, report: pd.DataFrame):
+        self.url = url
+        self.keys = report["key"].tolist()
+        self.captions = [_text(c) for c in report["caption"].tolist()]
+        self.sha1s = [_text(h) for h in report["image_sha1"].tolist()] if "image_sha1" in report.columns else None
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def check(self, n: int, raw: RawSample) -> None:
+        """Raise unless ``raw``, the shard's sample ``n``, is the one report row ``n`` was scored from."""
+        if n >= len(self.keys) or self.keys[n] != raw.key:
+            raise NcleanerError(
+                f"{self.url}: sample {n} ({raw.key}) does not match its report row; the shard changed "
+                "since it was scored (run ncleaner score --overwrite)"
+            )
+        changed = [
+            what
+            for what, differs in (
+                ("caption", read_text_fields(raw)[0] != self.captions[n]),
+                ("image", self.sha1s is not None and sha1_of(image_member(raw)) != self.sha1s[n]),
+            )
+            if differs
+        ]
+        if changed:
+            raise NcleanerError(
+                f"{self.url}: sample {n} ({raw.key}) does not match its report row (its {' and '.join(changed)} "
+                "differs); the shard changed since it was scored (run ncleaner score --overwrite)"
+            )
+
+
+def _text(value) -> str | None:
+    """A text cell as read back by pandas: a missing one is NaN, not None."""
+    return value if isinstance(value, str) else None
 
 
 def _names(paths) -> list[str]:

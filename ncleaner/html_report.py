@@ -37,9 +37,9 @@ from PIL import Image
 from . import __version__, schema
 from .config import DEFAULT_MAX_IMAGE_PIXELS
 from .errors import NcleanerError, UnreadableShard, first_line
-from .filtering import KEPT, is_kept, load_shard_reports, make_rule, route
+from .filtering import KEPT, ScoredSamples, is_kept, load_shard_reports, make_rule, route
 from .schema import SCORE_COLUMNS, STATUSES, Rule
-from .shards import RawSample, expand_shards, read_shard
+from .shards import RawSample, expand_shards, image_member, read_shard
 from .writer import atomic_write
 
 logger = logging.getLogger(__name__)
@@ -148,7 +148,7 @@ def inspect_report(
             **kept_set_metrics(kept, noisy),
         }
     chosen = _galleries(pool, rule, per_gallery, seed)
-    thumbs = _thumbnails(pool, sorted({i for rows in chosen.values() for i in rows}), thumb_px)
+    thumbs = _thumbnails(pool, reports, sorted({i for rows in chosen.values() for i in rows}), thumb_px)
 
     ok_values = pool.loc[pool["status"] == schema.OK, rule.column].to_numpy(dtype=np.float64)
     finite = np.isfinite(ok_values)
@@ -299,11 +299,11 @@ def _round_robin(pool: pd.DataFrame, n: int) -> list[int]:
     return sorted(out[:n])
 
 
-def _thumbnails(pool: pd.DataFrame, rows: list[int], px: int) -> dict[int, tuple[str, str]]:
+def _thumbnails(pool: pd.DataFrame, reports: dict, rows: list[int], px: int) -> dict[int, tuple[str, str]]:
     """Row position -> (CSS class, JPEG data URI) for the shown rows whose image can be shown.
 
-    Each shard is read once, up to its last shown sample; a sample is matched to its row by
-    position and key, as ``filter`` does.
+    Each shard is read once, up to its last shown sample; a sample is checked against its row
+    (position, key, caption, image hash) as ``filter`` checks it.
     """
     wanted: dict[str, dict[int, int]] = {}
     for i in rows:
@@ -311,15 +311,12 @@ def _thumbnails(pool: pd.DataFrame, rows: list[int], px: int) -> dict[int, tuple
     thumbs: dict[int, tuple[str, str]] = {}
     for url, by_index in wanted.items():
         last = max(by_index)
+        scored = ScoredSamples(url, reports[url])
         try:
             for raw in read_shard(url):
                 i = by_index.get(raw.index)
                 if i is not None:
-                    if raw.key != pool["key"].iat[i]:
-                        raise NcleanerError(
-                            f"{url}: sample {raw.index} ({raw.key}) does not match its report row; the shard "
-                            "changed since it was scored (run ncleaner score --overwrite)"
-                        )
+                    scored.check(raw.index, raw)
                     uri = _thumbnail(raw, pool["status"].iat[i], px)
                     if uri is not None:
                         thumbs[i] = (f"t{len(thumbs)}", uri)
@@ -333,8 +330,6 @@ def _thumbnails(pool: pd.DataFrame, rows: list[int], px: int) -> dict[int, tuple
 def _thumbnail(raw: RawSample, status: str, px: int) -> str | None:
     """A JPEG data URI of the sample's image (the member ``score`` decodes), or None when there is none
     or it cannot be decoded safely."""
-    from .decode import image_member
-
     if status == schema.TOO_LARGE:
         return None  # a decompression bomb is not decoded here either
     data = image_member(raw)

@@ -21,10 +21,9 @@ import numpy as np
 import pandas as pd
 
 from . import schema
-from .decode import JSON_CAPTION_FIELDS, read_text_fields
 from .errors import NcleanerError
 from .noise_text import boilerplate_caption, caption_facts, fact_tokens, normalise, partial_edit
-from .shards import RawSample, expand_shards, read_shards, shard_names
+from .shards import JSON_CAPTION_FIELDS, RawSample, expand_shards, read_shards, read_text_fields, shard_names
 from .writer import MANIFEST, ShardFile, StagedDir, check_outputs_apart_from_inputs, recorded_files, write_json
 
 TRUTH_FILE = "noise_truth.parquet"

@@ -281,6 +281,7 @@ def _report_table(
         "index": features.indices,
         "caption": features.captions,
         "url": features.urls,
+        "image_sha1": features.sha1s,
         "status": features.statuses,
         **{c: pa.array(v, mask=~ok) for c, v in scores.items()},
         "model_id": [model.model_id] * n,

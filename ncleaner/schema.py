@@ -74,6 +74,7 @@ BASE_FIELDS = [
     pa.field("index", pa.int64()),
     pa.field("caption", pa.string()),
     pa.field("url", pa.string()),
+    pa.field("image_sha1", pa.string()),  # of the image member's bytes: filter and inspect check it
     pa.field("status", pa.string()),
     *[pa.field(c, pa.float32()) for c in SCORE_COLUMNS],
     pa.field("model_id", pa.string()),

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import json
 import logging
 import os
 import re
@@ -91,6 +92,68 @@ def split_name(name: str) -> tuple[str, str]:
     directory, slash, base = name.rpartition("/")
     stem, _, ext = base.partition(".")
     return directory + slash + stem, ext
+
+
+# What a sample's members mean, read without decoding the image: decode, the embeddings check,
+# filter and inspect all ask the same questions of a raw sample.
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+JSON_CAPTION_FIELDS = ("caption", "text")
+
+
+def member_of(members: dict[str, bytes], extension: str) -> bytes | None:
+    """The bytes of the member of this extension, in any case (``JPG`` is ``jpg``)."""
+    for name, data in members.items():
+        if name.lower() == extension:
+            return data
+    return None
+
+
+def only_dotted(members: dict[str, bytes], extensions: Iterable[str]) -> bool:
+    """Whether a wanted member only exists under a dotted name (``001.jpg`` in sample ``img``)."""
+    return any(name.lower().endswith(f".{ext}") for name in members for ext in extensions)
+
+
+def read_text_fields(raw: RawSample) -> tuple[str | None, str | None, dict, str]:
+    """(caption, url, json metadata, status) of a sample, without touching its image."""
+    meta: dict = {}
+    json_status = schema.OK
+    json_bytes = member_of(raw.members, "json")
+    if json_bytes is not None:
+        try:
+            parsed = json.loads(json_bytes.decode("utf-8"))
+            meta = parsed if isinstance(parsed, dict) else {}
+        except (UnicodeDecodeError, ValueError, RecursionError):  # a deeply nested json overflows the parser
+            json_status = schema.BAD_JSON
+    url = meta.get("url") if isinstance(meta.get("url"), str) else None
+    txt = member_of(raw.members, "txt")
+    if txt is not None:
+        try:
+            caption = txt.decode("utf-8")
+        except UnicodeDecodeError:
+            # Shown in the report for the curator, never scored: replacement characters are not a caption.
+            return txt.decode("utf-8", errors="replace"), url, meta, schema.BAD_CAPTION
+        # A broken json does not matter when the txt member gives the caption.
+        return (caption, url, meta, schema.OK) if caption.strip() else (None, url, meta, schema.MISSING_CAPTION)
+    caption = next((meta[f] for f in JSON_CAPTION_FIELDS if isinstance(meta.get(f), str)), None)
+    if caption is not None and caption.strip():
+        return caption, url, meta, json_status
+    if json_status != schema.OK:
+        return None, url, meta, json_status
+    if only_dotted(raw.members, ("txt", "json")):
+        return None, url, meta, schema.AMBIGUOUS_MEMBERS
+    return None, url, meta, schema.MISSING_CAPTION
+
+
+def image_member(raw: RawSample) -> bytes | None:
+    """The bytes of the sample's image: its first jpg, jpeg, png or webp member."""
+    members = raw.members
+    return next((d for ext in IMAGE_EXTENSIONS if (d := member_of(members, ext)) is not None), None)
+
+
+def sha1_of(data: bytes | None) -> str | None:
+    """The hex SHA-1 of an image member's bytes (None for none): what identifies the image that an
+    embedding or a score was computed from, without decoding it."""
+    return None if data is None else hashlib.sha1(data).hexdigest()
 
 
 def is_local(url: str) -> bool:

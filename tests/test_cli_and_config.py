@@ -10,7 +10,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO, run_cli
+from conftest import REPO, run_cli, tar_members, write_tar
 
 import ncleaner
 from ncleaner.backbone import _quiet_random_init, build_backbone
@@ -84,6 +84,28 @@ def test_filter_refuses_a_shard_that_changed_since_it_was_scored(small_shards, s
     result = run_cli("filter", data, "--report", tmp_path / "r", "--out", tmp_path / "c", "--auto", ok=False)
     assert result.exit_code == 1 and "changed since it was scored" in result.output
     assert not (tmp_path / "c").exists()
+
+
+@pytest.mark.parametrize("member", ["txt", "jpg"])
+def test_filter_and_inspect_refuse_samples_whose_caption_or_image_changed_since_scored(
+    small_shards, small_model, tmp_path, member
+):
+    data = tmp_path / "data"
+    data.mkdir()
+    shutil.copy(small_shards / "00000.tar", data / "00000.tar")
+    run_cli("score", data, "--model", small_model, "--out", tmp_path / "r", "--quiet")
+    # Same keys in the same order, each sample given its neighbour's caption or image.
+    members = tar_members(data / "00000.tar")
+    keys = sorted({name.split(".")[0] for name in members})
+    moved = {f"{k}.{member}": members[f"{nxt}.{member}"] for k, nxt in zip(keys, keys[1:] + keys[:1], strict=True)}
+    write_tar(data / "00000.tar", [(name, moved.get(name, data_)) for name, data_ in sorted(members.items())])
+    what = {"txt": "caption", "jpg": "image"}[member]
+    expected = f"00000.tar: sample 0 ({keys[0]}) does not match its report row (its {what} differs)"
+    for command, out in (("filter", tmp_path / "c"), ("inspect", tmp_path / "page.html")):
+        result = run_cli(command, data, "--report", tmp_path / "r", "--out", out, "--auto", "-q", ok=False)
+        assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1, result.output
+        assert expected in result.output and "changed since it was scored" in result.output
+        assert not out.exists()
 
 
 def test_python_dash_m_ncleaner_is_the_cli():
