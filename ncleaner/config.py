@@ -16,7 +16,7 @@ TRAIN_BACKBONE_CHOICES = ("auto", "none", "all")
 PRECISIONS = ("fp32", "fp16", "bf16")
 SCORE_TERM_CHOICES = ("auto", "clip_sim", "mii_sim", "soft_agreement", "negclip")
 # Fields a fitted model fills in itself; a user cannot set them.
-DERIVED_FIELDS = ("embed_dim", "version")
+DERIVED_FIELDS = ("embed_dim", "pretrained_sha256", "version")
 # Decoding guard, not part of a model: 64 megapixels (8000 x 8000) is above anything a caption
 # dataset needs and below Pillow's own warning limit; a 33 KB PNG can declare 144 megapixels
 # and take 0.7 GB to decode.
@@ -45,7 +45,8 @@ class DisNCLConfig:
 
     # Backbone (docs/design.md section 1).
     backbone: str = TINY_BACKBONE
-    pretrained: str | None = None
+    pretrained: str | None = None  # a tag, or a checkpoint file (stored as an absolute path by fit)
+    pretrained_sha256: str | None = None  # of that file, filled at fit time; a model checks it on load
     train_backbone: str = "auto"  # "none": frozen, features cached; "all": trained with the heads
     embed_dim: int = 0  # filled from the backbone at fit time
     precision: str = "fp32"  # "fp16" / "bf16": autocast of the backbone on CUDA (fit and score)
@@ -158,8 +159,8 @@ class DisNCLConfig:
         ``overrides`` is a mapping of field values, or ``FIELD=VALUE`` strings (``fit --set``)
         whose VALUE is read as JSON when it parses (``0.1``, ``true``, ``null``) and as text
         otherwise (``ViT-B-32``). Every value must have its field's type, as in ``config.json``.
-        ``embed_dim`` and ``version`` are derived (from the backbone, from the package) and
-        cannot be set. Raises ValueError naming the field.
+        ``embed_dim``, ``pretrained_sha256`` and ``version`` are derived (from the backbone, its
+        checkpoint, the package) and cannot be set. Raises ValueError naming the field.
         """
         if not isinstance(overrides, Mapping):
             overrides = dict(_field_assignment(item) for item in overrides)
@@ -169,7 +170,7 @@ class DisNCLConfig:
             if name not in known:
                 raise ValueError(f"{name}: not a DisNCLConfig field (one of {', '.join(sorted(known))})")
             if name in DERIVED_FIELDS:
-                raise ValueError(f"{name}: derived, not set (from the backbone or the package version)")
+                raise ValueError(f"{name}: derived, not set (from the backbone, its checkpoint or the package version)")
             values[name] = _typed(name, value, known[name].type)
         return dataclasses.replace(self, **values)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from .backbone import Backbone, build_backbone, cosine, download_reason
+from .backbone import Backbone, build_backbone, checkpoint_sha256, cosine, download_reason
 from .config import DisNCLConfig
 from .encode import Encoder
 from .errors import NcleanerError, first_line
@@ -169,8 +170,14 @@ class NcleanerModel(torch.nn.Module):
     @classmethod
     def create(cls, config: DisNCLConfig, device: str | torch.device = "cpu") -> NcleanerModel:
         backbone = build_backbone(config.backbone, config.pretrained, device)
-        # The caller's config stays as it was: the model carries a copy with the derived width.
-        return cls(dataclasses.replace(config, embed_dim=backbone.embed_dim), backbone).to(device)
+        # The caller's config stays as it was: the model carries a copy with the derived fields. A
+        # checkpoint file is recorded by absolute path and content, so that the model can be loaded
+        # from any directory and never onto other weights found under the same name.
+        derived = {"embed_dim": backbone.embed_dim}
+        if config.pretrained and os.path.isfile(config.pretrained):
+            path = os.path.abspath(config.pretrained)
+            derived.update(pretrained=path, pretrained_sha256=checkpoint_sha256(path))
+        return cls(dataclasses.replace(config, **derived), backbone).to(device)
 
     @property
     def trains_backbone(self) -> bool:
@@ -270,6 +277,8 @@ class NcleanerModel(torch.nn.Module):
         tensors = _read_tensors(d / WEIGHTS_FILE)
         calibration = _read_calibration(d / CALIBRATION_FILE)
         _check_tensors(d, config, tensors)
+        if backbone_pretrained and config.pretrained_sha256:
+            _check_checkpoint(d / CONFIG_FILE, config)
         try:
             backbone = build_backbone(config.backbone, backbone_pretrained, device)
         except NcleanerError as exc:
@@ -464,3 +473,20 @@ def model_id(model_dir: str | Path) -> str:
     for name in MODEL_FILES:
         h.update((Path(model_dir) / name).read_bytes())
     return h.hexdigest()[:16]
+
+
+def _check_checkpoint(path: Path, config: DisNCLConfig) -> None:
+    """The frozen backbone's checkpoint must be the file ``fit`` used: at the absolute path it
+    recorded, with the SHA-256 it recorded (the heads were trained on that backbone's features)."""
+    ckpt, recorded = config.pretrained, config.pretrained_sha256
+    if not os.path.isfile(ckpt):
+        raise NcleanerError(
+            f"{path}: the backbone checkpoint {ckpt} is missing (fit used it, SHA-256 {recorded[:12]}): "
+            "put the file back there, or fit again"
+        )
+    found = checkpoint_sha256(ckpt)
+    if found != recorded:
+        raise NcleanerError(
+            f"{path}: the backbone checkpoint {ckpt} holds other weights (SHA-256 {found[:12]}) than those "
+            f"fit used ({recorded[:12]}): put the original back there, or fit again"
+        )

@@ -356,3 +356,23 @@ def test_evaluate_retrieval_reads_embeddings(embedded, pool, tiny_checkpoint, tm
     assert sum(counted) == 0  # every shard was read from the embeddings
     assert fresh.output == stored.output
     assert json.loads((tmp_path / "emb.json").read_text())["retrieval"]["pairs"] == 90  # the 30 noisy left out
+
+
+def test_a_relative_pretrained_path_is_stored_so_the_model_loads_from_anywhere(pool, tmp_path, monkeypatch):
+    work = tmp_path / "work"
+    work.mkdir()
+    checkpoint = _checkpoint(work / "weights.pt", seed=4)
+    monkeypatch.chdir(work)
+    _fit_frozen(pool, tmp_path / "model", "weights.pt")  # as typed: relative to the directory fit ran in
+    config = json.loads((tmp_path / "model" / "config.json").read_text())
+    assert config["pretrained"] == str(checkpoint) and len(config["pretrained_sha256"]) == 64
+    monkeypatch.chdir(tmp_path)
+    run_cli("score", pool, "--model", tmp_path / "model", "--out", tmp_path / "r", "-q")
+
+    _checkpoint(checkpoint, seed=5)  # other weights under the same name
+    other = run_cli("score", pool, "--model", tmp_path / "model", "--out", tmp_path / "r2", ok=False)
+    assert other.exit_code == 1 and len(other.output.strip().splitlines()) == 1, other.output
+    assert f"config.json: the backbone checkpoint {checkpoint} holds other weights" in other.output
+    checkpoint.unlink()
+    gone = run_cli("score", pool, "--model", tmp_path / "model", "--out", tmp_path / "r2", ok=False)
+    assert gone.exit_code == 1 and f"the backbone checkpoint {checkpoint} is missing" in gone.output
