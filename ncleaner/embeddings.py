@@ -29,6 +29,7 @@ checked where they store one.
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import logging
 import os
@@ -139,6 +140,7 @@ class _Part:
     txt: np.ndarray
     finite: np.ndarray
     info: dict = field(default_factory=dict)
+    problem: str | None = None  # why the part cannot be used whatever the shard holds
 
 
 class EmbeddingStore:
@@ -167,6 +169,7 @@ class EmbeddingStore:
                 info = json.loads(info_path.read_text())
             except (OSError, ValueError) as exc:
                 raise NcleanerError(f"{info_path}: cannot read: {first_line(exc)}") from exc
+            _check_info_types(info_path, info)
             _check_identity(info_path, info, identity)
             if create:
                 # Once per run, as score does for its report: listing every part folder before each
@@ -184,6 +187,13 @@ class EmbeddingStore:
                 raise NcleanerError(
                     f"{root}: --embeddings-backbone {assume_backbone} but the model uses {identity['backbone']}"
                 )
+            logger.warning(
+                "%s: written by another tool, which records no weights: its features are taken to be %s's "
+                "with the weights this run uses (%s); only their width is checked",
+                root,
+                identity["backbone"],
+                identity.get("pretrained"),
+            )
             return cls(root, identity, foreign=True)
         if not create:
             raise NcleanerError(f"{root}: not an embeddings directory (no {INFO_FILE}; run ncleaner embed)")
@@ -222,14 +232,18 @@ class EmbeddingStore:
             raise NcleanerError(f"{self.root}: written by another tool; ncleaner does not add parts to it")
         paths = self._paths(name)
         ok = features.ok
-        for side, values in (("img", features.f_v), ("txt", features.f_t)):
-            array = np.ascontiguousarray(values, dtype=np.float16)
+        arrays = [np.ascontiguousarray(v, dtype=np.float16) for v in (features.f_v, features.f_t)]
+        for side, array in zip(("img", "txt"), arrays, strict=True):
             atomic_write(paths[side], lambda tmp, a=array: _save_npy(tmp, a))
+        picked = np.flatnonzero(ok)
         made = {
             "shard": features.url,
             "damage": features.damage,
             "max_image_pixels": features.max_pixels,
             "fingerprint": _fingerprint(features.url),
+            "rows_sha256": rows_digest(
+                [features.keys[i] for i in picked], [features.sha1s[i] for i in picked], *arrays
+            ),
         }
         for kind, rows in (("skipped", ~ok), ("meta", ok)):
             table = _metadata_table(features, rows)
@@ -248,6 +262,8 @@ class EmbeddingStore:
         if self.foreign:
             self._index_foreign()
         part = None if self.foreign else self._part(name)
+        if part is not None and part.problem:
+            raise StalePart(f"{url}: part {name} of {self.root} cannot be used: {part.problem}")
         out = ShardFeatures(shard_index, url, max_pixels=max_pixels)
         rows, absent, changed = [], 0, 0
         reader = read_shard(url)
@@ -368,20 +384,29 @@ class EmbeddingStore:
         return img, txt  # stored by ncleaner: already the canonical values
 
     def _part(self, name: str) -> _Part:
+        """Stored part ``name``; one that cannot be read, or whose rows are not those written with
+        its features, comes back with its ``problem`` and is stale."""
         paths = self._paths(name)
-        meta = _read_parquet(paths["meta"])
-        info = _recorded(meta.schema.metadata, paths["meta"])
-        skipped = _read_parquet(paths["skipped"]) if paths["skipped"].is_file() else None
-        img, txt = (_load_npy(paths[side], self.identity["dim"]) for side in ("img", "txt"))
+        try:
+            meta = _read_parquet(paths["meta"])
+            info = _recorded(meta.schema.metadata, paths["meta"])
+            skipped = _read_parquet(paths["skipped"]) if paths["skipped"].is_file() else None
+            img, txt = (_load_npy(paths[side], self.identity["dim"]) for side in ("img", "txt"))
+        except NcleanerError as exc:
+            return _Part({}, np.zeros((0, 0)), np.zeros((0, 0)), np.zeros(0, bool), problem=str(exc))
+        keys, captions, sha1s = (meta.column(c).to_pylist() for c in ("image_path", "caption", "image_sha1"))
+        problem = None
         if not len(img) == len(txt) == meta.num_rows:
-            raise NcleanerError(
-                f"{paths['meta']}: {meta.num_rows} rows but {len(img)} image and {len(txt)} text embeddings "
-                "(an incomplete part: delete it and run again)"
+            problem = f"{paths['meta']}: {meta.num_rows} rows but {len(img)} image and {len(txt)} text embeddings"
+        elif "rows_sha256" not in info:
+            problem = (
+                f"{paths['meta']}: no record of what it was computed from "
+                "(an older ncleaner wrote it, or another tool rewrote it)"
             )
+        elif info["rows_sha256"] != rows_digest(keys, sha1s, img, txt):
+            problem = f"{paths['meta']}: its rows are not those written with its features (reordered or edited)"
         rows: dict[str, tuple] = {}
-        for i, (key, caption, sha1) in enumerate(
-            zip(*(meta.column(c).to_pylist() for c in ("image_path", "caption", "image_sha1")), strict=True)
-        ):
+        for i, (key, caption, sha1) in enumerate(zip(keys, captions, sha1s, strict=True)):
             rows[key] = (schema.OK, i, caption, sha1)
         if skipped is not None:
             for key, caption, sha1, status in zip(
@@ -389,7 +414,7 @@ class EmbeddingStore:
                 strict=True,
             ):
                 rows.setdefault(key, (status, -1, caption, sha1))
-        return _Part(rows, img, txt, _finite_rows(img, txt), info)
+        return _Part(rows, img, txt, _finite_rows(img, txt), info, problem)
 
     def _index_foreign(self) -> None:
         """Index every part of a clip-retrieval directory by key (once; keys are unique in a pool)."""
@@ -429,6 +454,30 @@ def open_for_model(root: str | Path, config, *, create: bool, assume_backbone: s
         )
     identity = backbone_identity(config.backbone, config.pretrained, config.embed_dim)
     return EmbeddingStore.open(root, identity, create=create, assume_backbone=assume_backbone)
+
+
+# The fields of embeddings.json that identify the features, with the JSON types they must have.
+_INFO_TYPES = {
+    "backbone": ((str,), "a string", True),
+    "dim": ((int,), "an integer", True),
+    "pretrained": ((str, type(None)), "a string or null", False),
+    "pretrained_sha256": ((str, type(None)), "a string or null", False),
+}
+
+
+def _check_info_types(path: Path, info: object) -> None:
+    """Refuse an ``embeddings.json`` whose identifying fields are missing or of another JSON type
+    (``"dim": "128"`` is not the integer 128), before any comparison can misread them."""
+    if not isinstance(info, dict):
+        raise NcleanerError(f"{path}: must be a JSON object")
+    for key, (types, described, required) in _INFO_TYPES.items():
+        if key not in info:
+            if required:
+                raise NcleanerError(f"{path}: no field {key}")
+            continue
+        value = info[key]
+        if not isinstance(value, types) or isinstance(value, bool):
+            raise NcleanerError(f"{path}: field {key} must be {described}, got {json.dumps(value)}")
 
 
 def _check_identity(path: Path, info: dict, identity: dict) -> None:
@@ -479,6 +528,17 @@ def _part_info(path: Path) -> dict:
     return _recorded(metadata, path)
 
 
+def rows_digest(keys: list[str], sha1s: list[str | None], img: np.ndarray, txt: np.ndarray) -> str:
+    """SHA-256 over a part's rows in order (key and image hash) and its float16 feature rows: the
+    metadata and the arrays of a part are each other's only when this is what was recorded."""
+    digest = hashlib.sha256()
+    for key, sha1 in zip(keys, sha1s, strict=True):
+        digest.update(f"{key}\0{sha1}\0".encode("utf-8", "surrogateescape"))
+    for array in (img, txt):
+        digest.update(np.ascontiguousarray(array, dtype=np.float16).tobytes())
+    return digest.hexdigest()
+
+
 def _finite_rows(img: np.ndarray, txt: np.ndarray) -> np.ndarray:
     """Per row, whether both vectors are finite (a NaN row is a damaged part, never a feature)."""
     return np.isfinite(img).all(axis=1) & np.isfinite(txt).all(axis=1) if len(img) else np.zeros(0, bool)
@@ -496,10 +556,23 @@ def _save_npy(tmp: str, array: np.ndarray) -> None:
 
 
 def _load_npy(path: Path, dim: int) -> np.ndarray:
+    """A part's feature rows, memory-mapped: a 2-D array of floats ``dim`` wide, or one line saying
+    what the file is instead (missing, not .npy, Python objects, other numbers, another shape)."""
+    if not path.is_file():
+        raise NcleanerError(f"{path}: missing (the part's metadata is there, its embeddings are not)")
     try:
-        array = np.load(path, mmap_mode="r")
-    except (OSError, ValueError) as exc:
+        with open(path, "rb") as f:
+            np.lib.format.read_magic(f)  # ValueError for a file that is not .npy at all
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
+    except ValueError as exc:
+        text = str(exc)
+        if "pickle" in text or "Python objects" in text:
+            raise NcleanerError(f"{path}: holds Python objects, not an array of numbers") from exc
+        raise NcleanerError(f"{path}: not a .npy array: {first_line(exc)}") from exc
+    except OSError as exc:
         raise NcleanerError(f"{path}: cannot read embeddings: {first_line(exc)}") from exc
+    if array.dtype.kind != "f":
+        raise NcleanerError(f"{path}: holds {array.dtype} values, not floating-point embeddings")
     if array.ndim != 2 or (len(array) and array.shape[1] != dim):
         raise NcleanerError(f"{path}: embeddings of shape {array.shape}, expected (rows, {dim})")
     return array

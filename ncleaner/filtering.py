@@ -297,6 +297,8 @@ def load_shard_reports(
 ) -> tuple[dict[str, pd.DataFrame], dict[str, str]]:
     """The finished report of every input shard, and the shards ``score`` could not read.
 
+    Each part is checked as it is read (``schema.read_report_part``).
+
     A shard without a finished report is an error, except one that ``score
     --on-bad-shard skip`` recorded as unreadable when ``on_bad_shard`` is ``skip``.
     A report holding rows of more than one model is refused: their scores cannot
@@ -308,7 +310,7 @@ def load_shard_reports(
     for url, name in zip(urls, shard_names(urls), strict=True):
         table, marker = report_paths(report_dir, name)
         if marker.is_file() and table.is_file():
-            reports[url] = pd.read_parquet(table)
+            reports[url] = schema.read_report_part(table)
             continue
         failed = failed_marker(report_dir, name)
         if failed.is_file() and on_bad_shard == "skip":

@@ -29,7 +29,7 @@ from .distributed import check_engine
 from .embeddings import ShardFeatures, model_features, open_for_model
 from .errors import NcleanerError, settle_unreadable
 from .model import NcleanerModel
-from .schema import SCORE_COLUMNS, failed_marker, report_paths, report_schema
+from .schema import SCORE_COLUMNS, failed_marker, read_report_part, report_paths, report_schema
 from .shards import expand_shards, shard_names
 from .writer import atomic_write, output_error, remove_stale_partials, write_json
 
@@ -293,8 +293,11 @@ def _report_table(
 
 
 def read_report(report_dir: str | Path) -> pd.DataFrame:
-    """The whole report as one DataFrame (every finished shard's rows, in file order)."""
+    """The whole report as one DataFrame (every part's rows, in file name order), each part checked
+    as it is read (``schema.read_report_part``). Names starting with ``_`` or ``.`` are not parts,
+    as for pyarrow and DuckDB."""
     d = Path(report_dir)
-    if not d.is_dir() or not any(d.glob("*.parquet")):
+    parts = sorted(p for p in d.glob("*.parquet") if not p.name.startswith(("_", "."))) if d.is_dir() else []
+    if not parts:
         raise NcleanerError(f"{d}: no report here (run ncleaner score first)")
-    return pd.read_parquet(d)
+    return pd.concat([read_report_part(p) for p in parts], ignore_index=True)

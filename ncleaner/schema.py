@@ -14,8 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
-from .errors import NcleanerError
+from .errors import NcleanerError, first_line
 
 OK = "ok"
 
@@ -87,6 +89,70 @@ def report_schema(keep_json_fields: Sequence[str] = ()) -> pa.Schema:
     if clash:
         raise NcleanerError(f"--keep-json-fields: {', '.join(clash)} would overwrite a report column")
     return pa.schema(BASE_FIELDS + [pa.field(f, pa.string()) for f in keep_json_fields])
+
+
+# Columns a report part may lack: written by an older ncleaner (filter then checks key and caption only).
+OPTIONAL_COLUMNS = ("image_sha1",)
+# Cosines may pass +-1 by float32 rounding; clean_prob is a posterior.
+_RANGES = {"clip_sim": (-1.001, 1.001), "mii_sim": (-1.001, 1.001), "clean_prob": (0.0, 1.0)}
+_KINDS = {
+    "string": lambda t: pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t),
+    "int64": pa.types.is_integer,
+    "float": pa.types.is_floating,
+}
+
+
+def read_report_part(path: Path):
+    """One report part as a DataFrame, refused in one line naming the part when it is not one that
+    ``score`` could have written: what ``filter`` (``--dry-run`` too), ``inspect`` and ``evaluate``
+    read, so that none of them acts on a damaged or hand-edited report."""
+    try:
+        table = pq.read_table(path)
+    except Exception as exc:  # pyarrow raises several types for a file that is not Parquet
+        raise NcleanerError(f"{path}: cannot read report part: {first_line(exc)}") from exc
+    problem = report_problem(table)
+    if problem:
+        raise NcleanerError(f"{path}: not a report part ncleaner wrote: {problem} (score the shard again)")
+    return table.to_pandas()
+
+
+def report_problem(table: pa.Table) -> str | None:
+    """What is wrong with a report part (None: nothing): a missing column or one of another type, a
+    row without key or status, an unknown status, a score missing or not finite on an ok row or
+    present on another, a value out of its range, duplicate keys, rows out of shard order."""
+    names = set(table.column_names)
+    missing = [f.name for f in BASE_FIELDS if f.name not in names and f.name not in OPTIONAL_COLUMNS]
+    if missing:
+        return f"no column {', '.join(missing)}"
+    for f in BASE_FIELDS:
+        kind = "float" if pa.types.is_floating(f.type) else str(f.type)
+        if f.name in names and not _KINDS[kind](table.schema.field(f.name).type):
+            return f"column {f.name} is {table.schema.field(f.name).type}, not {kind}"
+    for name in ("key", "index", "status"):
+        if table.column(name).null_count:
+            return f"a row without {name}"
+    unknown = sorted(set(pc.unique(table.column("status")).to_pylist()) - set(STATUSES))
+    if unknown:
+        return f"unknown status {unknown[0]!r}"
+    ok = pc.equal(table.column("status"), OK)
+    not_ok = table.num_rows - (pc.sum(ok).as_py() or 0)
+    for column in SCORE_COLUMNS:
+        values = table.column(column)
+        on_ok = pc.filter(values, ok)
+        if on_ok.null_count or pc.sum(pc.invert(pc.is_finite(on_ok))).as_py():
+            return f"column {column} is missing or not finite on an ok row"
+        if pc.filter(values, pc.invert(ok)).null_count != not_ok:
+            return f"column {column} has a value on a row that is not ok"
+        low, high = _RANGES.get(column, (-math.inf, math.inf))
+        extremes = pc.min_max(on_ok)
+        smallest, largest = extremes["min"], extremes["max"]
+        if smallest.is_valid and (smallest.as_py() < low or largest.as_py() > high):
+            return f"column {column} takes {smallest.as_py():g} to {largest.as_py():g}, outside [{low:g}, {high:g}]"
+    if pc.count_distinct(table.column("key")).as_py() != table.num_rows:
+        return "a key appears on more than one row"
+    if table.column("index").to_pylist() != list(range(table.num_rows)):
+        return "the rows are not the shard's samples in order (index 0, 1, 2...)"
+    return None
 
 
 @dataclass

@@ -650,8 +650,11 @@ def replicate_embeddings(source: str, target: str, pool: str, shards: int, scale
     Parts are named after their shard and their rows joined on the sample key, so each copy gets
     its shard's name and the keys replicate_shard gave it; the arrays are copied as they are.
     """
+    import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
+
+    from ncleaner.embeddings import rows_digest
 
     src, dst = Path(source), Path(target)
     for sub in ("img_emb", "text_emb", "metadata", "skipped"):
@@ -673,6 +676,13 @@ def replicate_embeddings(source: str, target: str, pool: str, shards: int, scale
                 if column in table.column_names:
                     i = table.column_names.index(column)
                     table = table.set_column(i, table.schema.field(i), pa.array(values, table.schema.field(i).type))
+            if sub == "metadata":  # what the part records of its rows follows the new keys
+                info = json.loads(table.schema.metadata[b"ncleaner"])
+                arrays = [np.load(dst / s / f"{s}_{new}.npy") for s in ("img_emb", "text_emb")]
+                keys, sha1s = table.column("image_path").to_pylist(), table.column("image_sha1").to_pylist()
+                info.update(shard=str(Path(pool) / f"{new}.tar"), fingerprint=None)
+                info["rows_sha256"] = rows_digest(keys, sha1s, *arrays)
+                table = table.replace_schema_metadata({b"ncleaner": json.dumps(info).encode()})
             pq.write_table(table, dst / sub / f"{sub}_{new}.parquet")
     return scale * shards
 

@@ -298,3 +298,57 @@ def test_copied_keys_name_one_sample_when_a_key_repeats_across_shards(hostile_sh
     manifest = json.loads((tmp_path / "k" / "manifest.json").read_text())
     assert manifest["kept_count"] == manifest["kept_by_override"] == 1
     assert set(tar_members(tmp_path / "k" / "00000.tar")) == {"h0.jpg", "h0.txt", "h0.json"}
+
+
+def _drop_clean_prob(frame):
+    return frame.drop(columns="clean_prob")
+
+
+def _set_first_ok(column, value):
+    def edit(frame):
+        frame.loc[frame.index[frame["status"] == "ok"][0], column] = value
+        return frame
+
+    return edit
+
+
+def _unknown_status(frame):
+    frame.loc[0, "status"] = "fine"
+    return frame
+
+
+def _duplicate_row(frame):
+    return pd.concat([frame, frame.iloc[:1]], ignore_index=True)
+
+
+@pytest.mark.parametrize(
+    ("edit", "problem"),
+    [
+        (_drop_clean_prob, "no column clean_prob"),
+        (_set_first_ok("clean_prob", 5.0), "column clean_prob takes"),
+        (_set_first_ok("score", float("nan")), "column score is missing or not finite on an ok row"),
+        (_unknown_status, "unknown status 'fine'"),
+        (_duplicate_row, "a key appears on more than one row"),
+    ],
+)
+def test_every_command_that_reads_a_report_refuses_a_damaged_part_in_one_line(
+    small_shards, small_model, tmp_path, edit, problem
+):
+    data = tmp_path / "data"
+    data.mkdir()
+    shutil.copy(small_shards / "00000.tar", data / "00000.tar")
+    report = tmp_path / "r"
+    run_cli("score", data, "--model", small_model, "--out", report, "--keep-json-fields", "ncleaner_noisy", "-q")
+    part = report / "00000.parquet"
+    edit(pd.read_parquet(part)).to_parquet(part, index=False)
+    commands = [
+        ("filter", data, "--report", report, "--out", tmp_path / "c", "--auto"),
+        ("filter", data, "--report", report, "--out", tmp_path / "c", "--auto", "--dry-run"),
+        ("inspect", data, "--report", report, "--out", tmp_path / "p.html", "--auto"),
+        ("evaluate", "--report", report, "--truth-field", "ncleaner_noisy"),
+    ]
+    for args in commands:
+        result = run_cli(*args, "-q", ok=False)
+        assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1, (args[0], result.output)
+        assert f"{part}: not a report part ncleaner wrote: {problem}" in result.output, (args[0], result.output)
+    assert not (tmp_path / "c").exists() and not (tmp_path / "p.html").exists()

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import open_clip
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 import torch
 from conftest import copy_with_changed_caption, run_cli, tar_members
@@ -213,7 +214,9 @@ def test_statuses_of_another_max_image_pixels_and_non_finite_rows_are_not_used(
     img[3] = np.nan
     np.save(emb / "img_emb" / "img_emb_00001.npy", img)
     result = run_cli("score", pool, "--model", frozen_model, "--out", tmp_path / "r2", "--embeddings", emb)
-    assert "00001.tar: part 00001 of" in result.output and "1 stored feature row(s) are not finite" in result.output
+    # A NaN row is not what was written with the part's metadata (a NaN from the backbone never is:
+    # the encoder refuses it), so the part is stale.
+    assert "00001.tar: part 00001 of" in result.output and "not those written with its features" in result.output
     report = pd.read_parquet(tmp_path / "r2")
     assert (report["status"] == "ok").all() and report["score"].notna().all()
     assert np.isfinite(np.load(emb / "img_emb" / "img_emb_00001.npy")).all()
@@ -267,9 +270,11 @@ def test_clip_retrieval_directory_is_read_with_named_backbone(embedded, pool, ti
     copy_with_changed_caption(pool, shards, "00001.tar", b"another caption")
     refused = run_cli("score", shards, "--model", model, "--out", tmp_path / "r3", "--embeddings", foreign,
                       "--embeddings-backbone", "ncleaner-tiny", "-q", ok=False)  # fmt: skip
-    assert refused.exit_code == 1 and len(refused.output.strip().splitlines()) == 1, refused.output
-    assert "00001.tar: " in refused.output and "1 sample(s) changed" in refused.output
-    assert "written by another tool" in refused.output
+    # One line for the refusal, after the one warning that another tool's weights cannot be checked.
+    warning, error = refused.output.strip().splitlines()
+    assert refused.exit_code == 1 and "records no weights" in warning and "only their width is checked" in warning
+    assert "00001.tar: " in error and "1 sample(s) changed" in refused.output
+    assert "written by another tool" in error
 
 
 def test_report_does_not_depend_on_decode_workers(small_shards, small_model, tmp_path, monkeypatch):
@@ -376,3 +381,51 @@ def test_a_relative_pretrained_path_is_stored_so_the_model_loads_from_anywhere(p
     checkpoint.unlink()
     gone = run_cli("score", pool, "--model", tmp_path / "model", "--out", tmp_path / "r2", ok=False)
     assert gone.exit_code == 1 and f"the backbone checkpoint {checkpoint} is missing" in gone.output
+
+
+def _edit_info(emb: Path, **fields) -> None:
+    info = json.loads((emb / "embeddings.json").read_text())
+    (emb / "embeddings.json").write_text(json.dumps({**info, **fields}))
+
+
+def test_embeddings_json_fields_are_type_checked(embedded, frozen_model, pool, tmp_path):
+    emb = tmp_path / "emb"
+    shutil.copytree(embedded, emb)
+    _edit_info(emb, dim="128")
+    result = run_cli("score", pool, "--model", frozen_model, "--out", tmp_path / "r", "--embeddings", emb, ok=False)
+    assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1
+    assert 'embeddings.json: field dim must be an integer, got "128"' in result.output
+
+
+@pytest.mark.parametrize(
+    ("damage", "reason"),
+    [
+        ("reorder", "its rows are not those written with its features (reordered or edited)"),
+        ("pickle", "img_emb_00001.npy: holds Python objects, not an array of numbers"),
+        ("garbage", "img_emb_00001.npy: not a .npy array"),
+        ("missing", "img_emb_00001.npy: missing (the part's metadata is there, its embeddings are not)"),
+    ],
+)
+def test_a_part_whose_files_do_not_belong_together_is_encoded_again(
+    embedded, frozen_model, pool, tmp_path, damage, reason
+):
+    emb = tmp_path / "emb"
+    shutil.copytree(embedded, emb)
+    img = emb / "img_emb" / "img_emb_00001.npy"
+    if damage == "reorder":  # every pair would get another's features
+        meta = pq.read_table(emb / "metadata" / "metadata_00001.parquet")
+        pq.write_table(meta.take(np.roll(np.arange(meta.num_rows), 1)), emb / "metadata" / "metadata_00001.parquet")
+    elif damage == "pickle":
+        np.save(img, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    elif damage == "garbage":
+        img.write_bytes(b"not an array")
+    else:
+        img.unlink()
+    result = run_cli("score", pool, "--model", frozen_model, "--out", tmp_path / "r", "--embeddings", emb, "-q")
+    assert f"00001.tar: part 00001 of {emb} cannot be used: " in result.output and reason in result.output
+    assert "encoding it again" in result.output
+    fresh = run_cli("score", pool, "--model", frozen_model, "--out", tmp_path / "plain", "-q")
+    assert fresh.exit_code == 0
+    np.testing.assert_allclose(
+        pd.read_parquet(tmp_path / "r")["score"], pd.read_parquet(tmp_path / "plain")["score"], rtol=0, atol=1e-5
+    )
