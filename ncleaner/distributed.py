@@ -450,6 +450,7 @@ def filter_on_ray(
     """
     from tqdm.auto import tqdm
 
+    from .filtering import ROUTE_COLUMNS
     from .shards import shard_names
     from .writer import shard_layout
 
@@ -466,7 +467,7 @@ def filter_on_ray(
         refs = {}
         for url in urls:
             pieces = [str(s / PIECES / f"{names[url]}.tar") if s is not None else None for s in stages]
-            report = reports[url][["key", "status"]]
+            report = reports[url][[c for c in ROUTE_COLUMNS if c in reports[url].columns]]
             refs[route.remote(url, report, outcomes[url], pieces)] = url
         bar = tqdm(total=len(urls), unit="shard", desc="filtering on Ray", disable=not progress, dynamic_ncols=True)
         with bar:

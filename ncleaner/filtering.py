@@ -519,6 +519,10 @@ def _route_locally(urls, reports, outcomes, stages, *, maxcount: int, on_bad_sha
     return routed, (kept.paths, rejected.paths if rejected is not None else [])
 
 
+# The report columns ``route_shard`` reads (the Ray engine ships only these to its tasks).
+ROUTE_COLUMNS = ("key", "status", "caption", "image_sha1")
+
+
 def route_shard(url: str, report: pd.DataFrame, outcomes: list[str], kept, rejected) -> bool:
     """Write one input shard's samples to ``kept`` or ``rejected`` by ``route``'s outcomes of its
     report rows: the unit of work of ``filter`` on both engines (locally into the run's

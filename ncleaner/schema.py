@@ -126,8 +126,11 @@ def report_problem(table: pa.Table) -> str | None:
         return f"no column {', '.join(missing)}"
     for f in BASE_FIELDS:
         kind = "float" if pa.types.is_floating(f.type) else str(f.type)
-        if f.name in names and not _KINDS[kind](table.schema.field(f.name).type):
-            return f"column {f.name} is {table.schema.field(f.name).type}, not {kind}"
+        found = table.schema.field(f.name).type if f.name in names else None
+        # A column with no value at all may have been written as nulls by another writer (pandas).
+        nullable = f.name not in ("key", "index", "status") and found is not None and pa.types.is_null(found)
+        if found is not None and not nullable and not _KINDS[kind](found):
+            return f"column {f.name} is {found}, not {kind}"
     for name in ("key", "index", "status"):
         if table.column(name).null_count:
             return f"a row without {name}"

@@ -244,10 +244,17 @@ def test_detection_by_kind_refuses_kinds_that_disagree_with_the_flags():
         detection_by_kind(report, noisy, kinds, source="report column 'k'")
 
 
+def _as_report_part(report: pd.DataFrame) -> pd.DataFrame:
+    """``report`` with the columns every report part has (evaluate reads only what score writes)."""
+    full = report.assign(shard="00000.tar", index=np.arange(len(report)), caption="a caption", url=None)
+    full = full.assign(model_id="m", clip_sim=report["score"], mii_sim=report["score"], soft_agreement=report["score"])
+    return full.astype({c: "float32" for c in ("score", "clean_prob", "clip_sim", "mii_sim", "soft_agreement")})
+
+
 def test_evaluate_breaks_down_by_kind_from_a_kept_field_or_a_truth_file(tmp_path):
     report, noisy, kinds = known_report()
     (tmp_path / "r").mkdir()
-    report.to_parquet(tmp_path / "r" / "00000.parquet")
+    _as_report_part(report).to_parquet(tmp_path / "r" / "00000.parquet")
     out = run_cli("evaluate", "--report", tmp_path / "r", "--json", tmp_path / "a.json").output
     assert "AUROC by noise kind" in out and "AP by noise kind" in out
     from_field = json.loads((tmp_path / "a.json").read_text())["detection"]
