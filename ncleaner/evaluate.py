@@ -12,6 +12,7 @@ broken down by kind.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
@@ -114,19 +115,51 @@ def noise_kinds_from_report(report: pd.DataFrame, field: str = "ncleaner_noise_k
 def noise_kinds_from_file(report: pd.DataFrame, path: str | Path) -> np.ndarray | None:
     """Per-row noise kinds from the ``kind`` column of a truth Parquet, or None if no row has one
     (truth files written before the realistic noise modes have no such column)."""
-    try:
-        import pyarrow.parquet as pq
+    kinds = _truth_column(report, path, "kind", required=False)
+    if kinds is None:
+        return None
+    kinds = np.array([k if _has_kind(k) else None for k in kinds], dtype=object)
+    return kinds if any(k is not None for k in kinds) else None
 
-        if "kind" not in pq.read_schema(path).names:
-            return None
-        truth = pd.read_parquet(path, columns=["key", "kind"])
+
+def _truth_column(report: pd.DataFrame, path: str | Path, column: str, *, required: bool) -> pd.Series | None:
+    """Column ``column`` of a truth Parquet, one value per report row (NaN where it has none).
+
+    Rows are joined on the key; where keys repeat (across shards: ``inject-noise``'s truth file
+    allows it), on the shard's file name and the sample's index, checking that the key agrees.
+    Without the column: None, or an error when it is ``required``.
+    """
+    import pyarrow.parquet as pq
+
+    try:
+        names = set(pq.read_schema(path).names)
     except FileNotFoundError as exc:
         raise NcleanerError(f"{path}: no such ground-truth file") from exc
     except Exception as exc:
-        raise NcleanerError(f"{path}: cannot read the kind column of the ground truth: {first_line(exc)}") from exc
-    kinds = report["key"].map(truth.drop_duplicates("key").set_index("key")["kind"])
-    kinds = np.array([k if _has_kind(k) else None for k in kinds], dtype=object)
-    return kinds if any(k is not None for k in kinds) else None
+        raise NcleanerError(f"{path}: cannot read ground truth: {first_line(exc)}") from exc
+    if column not in names or "key" not in names:
+        if required or column in names:
+            raise NcleanerError(f"{path}: cannot read ground truth (needs key and {column} columns)")
+        return None
+    by_position = {"shard", "index"} <= names
+    truth = pd.read_parquet(path, columns=["key", column, *(["shard", "index"] if by_position else [])])
+    if not truth["key"].duplicated().any():
+        return report["key"].map(truth.set_index("key")[column])
+    if not by_position:
+        raise NcleanerError(f"{path}: keys are not unique and no shard and index columns tell their samples apart")
+    truth.index = pd.MultiIndex.from_arrays([truth["shard"].map(os.path.basename), truth["index"]])
+    if truth.index.duplicated().any():
+        raise NcleanerError(f"{path}: two rows name one sample (the same shard file and index)")
+    rows = pd.MultiIndex.from_arrays([report["shard"].map(os.path.basename), report["index"]])
+    found = truth.reindex(rows)
+    wrong = found["key"].notna().to_numpy() & (found["key"].to_numpy() != report["key"].to_numpy())
+    if wrong.any():
+        i = int(np.flatnonzero(wrong)[0])
+        raise NcleanerError(
+            f"{path}: sample {report['index'].iat[i]} of {report['shard'].iat[i]} is {report['key'].iat[i]} in the "
+            f"report but {found['key'].iat[i]} here: not the truth of these shards"
+        )
+    return pd.Series(found[column].to_numpy(), index=report.index)
 
 
 def kept_set_metrics(kept: np.ndarray, noisy: np.ndarray) -> dict[str, float]:
@@ -138,18 +171,9 @@ def kept_set_metrics(kept: np.ndarray, noisy: np.ndarray) -> dict[str, float]:
 
 
 def truth_from_file(report: pd.DataFrame, path: str | Path) -> np.ndarray:
-    """Per-row noisy flags from a parquet with ``key`` and ``noisy`` columns (``inject-noise`` writes one)."""
-    try:
-        truth = pd.read_parquet(path, columns=["key", "noisy"])
-    except FileNotFoundError as exc:
-        raise NcleanerError(f"{path}: no such ground-truth file") from exc
-    except Exception as exc:
-        raise NcleanerError(
-            f"{path}: cannot read ground truth (needs key and noisy columns): {first_line(exc)}"
-        ) from exc
-    if truth["key"].duplicated().any():
-        raise NcleanerError(f"{path}: keys are not unique, cannot match report rows")
-    noisy = report["key"].map(truth.set_index("key")["noisy"])
+    """Per-row noisy flags from a parquet with ``key`` and ``noisy`` columns (``inject-noise`` writes
+    one, with ``shard`` and ``index`` that tell apart keys repeated across shards)."""
+    noisy = _truth_column(report, path, "noisy", required=True)
     if noisy.isna().any():
         missing = report.loc[noisy.isna(), "key"].iloc[0]
         raise NcleanerError(f"{path}: no ground truth for {int(noisy.isna().sum())} report rows (e.g. key {missing})")

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from . import schema
 from .distributed import check_engine
-from .errors import NcleanerError, UnreadableShard, first_line
+from .errors import NcleanerError, UnreadableShard, first_line, printable
 from .schema import AUTO_RULE, SCORE_COLUMNS, Rule, failed_marker, report_paths
 from .shards import RawSample, expand_shards, image_member, is_local, read_shard, read_text_fields, sha1_of, shard_names
 from .writer import (
@@ -324,7 +324,33 @@ def load_shard_reports(
             f"{report_dir}: holds scores of {len(model_ids)} models ({', '.join(model_ids)}); "
             "re-score every shard with one model (ncleaner score --overwrite)"
         )
+    _warn_repeated_keys(reports)
     return reports, skipped
+
+
+def _warn_repeated_keys(reports: dict[str, pd.DataFrame]) -> None:
+    """One warning, with a count, when keys repeat across shards (a key is unique within a part).
+
+    WebDataset groups a tar's members by key, so two such samples written into one output shard
+    read back as one; override lists must then name the shard too (``SHARD<TAB>KEY``).
+    """
+    if len(reports) < 2:
+        return
+    keys = pd.concat([r["key"] for r in reports.values()], ignore_index=True)
+    repeated = keys[keys.duplicated(keep=False)]
+    if repeated.empty:
+        return
+    example = repeated.iloc[0]
+    shards = [url for url, r in reports.items() if (r["key"] == example).any()][:2]
+    logger.warning(
+        "%d key(s) appear in more than one shard (e.g. %s in %s and %s): a written shard holding two of "
+        "them has duplicate member names, which WebDataset readers merge into one sample; key lists "
+        "must name the shard (SHARD<TAB>KEY)",
+        repeated.nunique(),
+        printable(str(example)),
+        printable(shards[0]),
+        printable(shards[1]),
+    )
 
 
 def _model_ids(reports: dict[str, pd.DataFrame]) -> list[str]:

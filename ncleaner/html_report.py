@@ -24,6 +24,7 @@ import json
 import logging
 import math
 import os
+import tempfile
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -36,11 +37,11 @@ from PIL import Image
 
 from . import __version__, schema
 from .config import DEFAULT_MAX_IMAGE_PIXELS
-from .errors import NcleanerError, UnreadableShard, first_line
+from .errors import NcleanerError, UnreadableShard, first_line, printable
 from .filtering import KEPT, ScoredSamples, is_kept, load_shard_reports, make_rule, route
 from .schema import SCORE_COLUMNS, STATUSES, Rule
 from .shards import RawSample, expand_shards, image_member, read_shard
-from .writer import atomic_write
+from .writer import atomic_write, remove_stale_partials
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +54,8 @@ HISTOGRAM_BINS = 40
 CURVE_POINTS = 200
 # How much of an existing --out is read to recognise a page this command wrote.
 _SNIFF_BYTES = 4096
+# Longest caption a card shows in full: one huge caption (1 MB was seen) must not make the page huge.
+MAX_CAPTION_CHARS = 1000
 
 GALLERIES = (
     ("lowest", "Lowest-scoring pairs", "The scored pairs with the lowest {column}, lowest first."),
@@ -205,6 +208,13 @@ def _check_out(out: Path) -> None:
         raise NcleanerError(f"{out}: is a directory; --out names the HTML file to write")
     if not out.parent.is_dir():
         raise NcleanerError(f"{out}: no such directory {out.parent}")
+    # Found unwritable now, not after the work; and what a killed run of this page left is removed.
+    try:
+        with tempfile.NamedTemporaryFile(dir=out.parent, prefix=f".{out.name}.", suffix=".probe"):
+            pass
+    except OSError as exc:
+        raise NcleanerError(f"--out {out}: cannot write in {out.parent}: {exc.strerror or first_line(exc)}") from exc
+    remove_stale_partials(out.parent, of=out.name)
     if not out.exists():
         return
     try:
@@ -369,7 +379,7 @@ def _card(pool: pd.DataFrame, i: int, thumbs: dict, key_counts: pd.Series, rule:
         # A key found in several shards of the pool is copied with its shard, so that an
         # override names this sample and no other.
         "copy_text": key if key_counts.get(key, 0) <= 1 else f"{url}\t{key}",
-        "caption": None if caption is None or (isinstance(caption, float) and math.isnan(caption)) else str(caption),
+        "caption": _shown_caption(caption),
         "status": status,
         "why": STATUSES.get(status, ""),
         "kept": is_kept(outcome),
@@ -378,6 +388,17 @@ def _card(pool: pd.DataFrame, i: int, thumbs: dict, key_counts: pd.Series, rule:
         "noisy": bool(row["_ncl_noisy"]) if "_ncl_noisy" in pool.columns else None,
         "thumb": thumbs[i][0] if i in thumbs else None,
     }
+
+
+def _shown_caption(caption) -> str | None:
+    """A caption as its card shows it: control characters escaped (``\\n``, ``\\x1b``), so that it
+    stays one block of text, and cut at ``MAX_CAPTION_CHARS`` with the count of what was left out."""
+    if not isinstance(caption, str):
+        return None  # none, or NaN as pandas reads a null
+    text = printable(caption)
+    if len(text) <= MAX_CAPTION_CHARS:
+        return text
+    return f"{text[:MAX_CAPTION_CHARS]}… ({len(text) - MAX_CAPTION_CHARS:,} more characters)"
 
 
 # -- charts: inline SVG geometry computed here, drawn by the template ---------------------------

@@ -14,6 +14,7 @@ Three promises hold for everything ncleaner writes:
 
 from __future__ import annotations
 
+import glob
 import io
 import json
 import logging
@@ -65,12 +66,14 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
         raise
 
 
-def remove_stale_partials(directory: str | Path) -> None:
-    """Remove temporary files that killed runs left in ``directory`` (their process is gone).
+def remove_stale_partials(directory: str | Path, *, of: str | None = None) -> None:
+    """Remove temporary files that killed runs left in ``directory`` (their process is gone); with
+    ``of``, only those of that one file (a directory of the user's, where ``inspect`` writes).
 
     A live run's temporary files are left alone, so two runs can share a directory.
     """
-    for tmp in Path(directory).glob(PARTIAL_PATTERN):
+    pattern = PARTIAL_PATTERN if of is None else f".{glob.escape(of)}.*.partial"
+    for tmp in Path(directory).glob(pattern):
         if _left_by_dead_process(tmp):
             tmp.unlink(missing_ok=True)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 from html.parser import HTMLParser
@@ -10,7 +11,7 @@ from html.parser import HTMLParser
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import IMG_CAPTION, SCRIPT_CAPTION, run_cli, tar_members
+from conftest import IMG_CAPTION, SCRIPT_CAPTION, run_cli, tar_members, write_tar
 
 import ncleaner.html_report as html_report
 from ncleaner.errors import NcleanerError
@@ -293,8 +294,11 @@ def test_copied_keys_name_one_sample_when_a_key_repeats_across_shards(hostile_sh
     assert {f"{shards[0]}\th0", f"{shards[1]}\th0"} <= copies and "h0" not in copies
     keep = tmp_path / "keep.txt"
     keep.write_text(f"{shards[0]}\th0\n")
-    run_cli("filter", *shards, "--report", tmp_path / "report", "--out", tmp_path / "k", "--threshold", "1e9",
-            "--keep-keys", keep)  # fmt: skip
+    result = run_cli("filter", *shards, "--report", tmp_path / "report", "--out", tmp_path / "k",
+                     "--threshold", "1e9", "--keep-keys", keep)  # fmt: skip
+    repeated = pd.read_parquet(tmp_path / "report")["key"].nunique()
+    assert result.output.count("appear in more than one shard") == 1
+    assert f"{repeated} key(s) appear in more than one shard (e.g. " in result.output
     manifest = json.loads((tmp_path / "k" / "manifest.json").read_text())
     assert manifest["kept_count"] == manifest["kept_by_override"] == 1
     assert set(tar_members(tmp_path / "k" / "00000.tar")) == {"h0.jpg", "h0.txt", "h0.json"}
@@ -352,3 +356,44 @@ def test_every_command_that_reads_a_report_refuses_a_damaged_part_in_one_line(
         assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1, (args[0], result.output)
         assert f"{part}: not a report part ncleaner wrote: {problem}" in result.output, (args[0], result.output)
     assert not (tmp_path / "c").exists() and not (tmp_path / "p.html").exists()
+
+
+def _dead_pid() -> int:
+    pid = 4_000_000
+    while True:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return pid
+        except PermissionError:
+            pass
+        pid -= 1
+
+
+def test_page_shortens_huge_captions_escapes_control_characters_and_checks_out_first(
+    small_shards, small_model, tmp_path
+):
+    data = tmp_path / "data"
+    data.mkdir()
+    members = tar_members(small_shards / "00000.tar")
+    keys = sorted({name.split(".")[0] for name in members})
+    members[f"{keys[0]}.txt"] = b"x" * 1_000_000
+    members[f"{keys[1]}.txt"] = b"red \x1b[2J square\nsecond line"
+    write_tar(data / "00000.tar", sorted(members.items()))
+    run_cli("score", data, "--model", small_model, "--out", tmp_path / "r", "-q")
+    site = tmp_path / "site"
+    site.mkdir()
+    left = site / f".page.html.{_dead_pid()}-0123abcd.partial"  # what a killed inspect leaves
+    left.write_text("half a page")
+    other = site / f".notes.txt.{_dead_pid()}-0123abcd.partial"  # not this page's: left alone
+    other.write_text("someone else's")
+    run_cli("inspect", data, "--report", tmp_path / "r", "--out", site / "page.html", "--threshold", "1e9",
+            "--per-gallery", "50", "-q")  # fmt: skip
+    page = (site / "page.html").read_text()
+    assert len(page) < 300_000 and "x" * 1001 not in page and "(999,000 more characters)" in page
+    assert "\x1b" not in page and "red \\x1b[2J square\\nsecond line" in page
+    assert not left.exists() and other.exists()
+
+    refused = run_cli("inspect", data, "--report", tmp_path / "r", "--out", "/proc/ncleaner-page.html", ok=False)
+    assert refused.exit_code == 1 and len(refused.output.strip().splitlines()) == 1
+    assert "--out /proc/ncleaner-page.html: cannot write in /proc" in refused.output

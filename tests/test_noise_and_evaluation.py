@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -238,3 +239,21 @@ def test_layout_family_captions_name_size_and_band_of_every_object():
             band, _, thing = part.partition(": ")
             assert band in ("at the top", "in the middle", "at the bottom")
             assert thing.split()[1] in ("large", "small")
+
+
+def test_evaluate_truth_tells_apart_keys_repeated_across_shards(small_shards, small_model, tmp_path):
+    pool = tmp_path / "pool"
+    pool.mkdir()
+    for name in ("a.tar", "b.tar"):  # img2dataset pools merged by hand: the same keys in two shards
+        shutil.copy(small_shards / "00000.tar", pool / name)
+    noisy = tmp_path / "noisy"
+    run_cli("inject-noise", pool, "--out", noisy, "--rate", "0.3", "--seed", "1", "-q")
+    truth = pd.read_parquet(noisy / "noise_truth.parquet")
+    assert truth["key"].duplicated().any() and truth.groupby("key")["noisy"].nunique().max() == 2
+    run_cli("score", noisy, "--model", small_model, "--out", tmp_path / "r", "-q",
+            "--keep-json-fields", "ncleaner_noisy,ncleaner_noise_kind")  # fmt: skip
+    by_field = run_cli("evaluate", "--report", tmp_path / "r", "--json", tmp_path / "field.json")
+    by_file = run_cli("evaluate", "--report", tmp_path / "r", "--truth", noisy / "noise_truth.parquet",
+                      "--json", tmp_path / "file.json")  # fmt: skip
+    assert by_file.output == by_field.output
+    assert json.loads((tmp_path / "file.json").read_text()) == json.loads((tmp_path / "field.json").read_text())
