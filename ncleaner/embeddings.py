@@ -33,6 +33,7 @@ import hashlib
 import json
 import logging
 import os
+import socket
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -47,8 +48,8 @@ from . import __version__, schema
 from .backbone import build_backbone, checkpoint_sha256, download_reason, resolve_device
 from .config import DEFAULT_MAX_IMAGE_PIXELS
 from .decode import by_shard, decode_blocks, default_workers
-from .distributed import check_engine
 from .encode import Encoder
+from .engine import ShardJob, check_engine, run_shard_jobs, worker_device
 from .errors import NcleanerError, UnreadableShard, first_line, settle_unreadable
 from .shards import expand_shards, image_member, read_shard, read_text_fields, sha1_of, shard_names
 from .writer import atomic_write, output_error, remove_stale_partials, write_json
@@ -840,8 +841,6 @@ def embed(
     if result.skipped_shards:
         logger.info("skipped %d shard(s) already embedded", len(result.skipped_shards))
     if engine == "ray":
-        from .distributed import embed_on_ray
-
         answers = embed_on_ray(
             todo,
             store,
@@ -875,6 +874,76 @@ def embed(
         record_embedding(result, write_embedding_part(store, name, features), on_bad_shard=on_bad_shard)
     bar.close()
     return result
+
+
+class EmbedJob(ShardJob):
+    """``embed`` (and the embedding part of ``fit``) on the Ray engine: the backbone built once per
+    worker; each shard encoded and its part written there (``write_embedding_part``)."""
+
+    def _setup(self, store: EmbeddingStore, options: dict) -> None:
+        self.store, self.options = store, options
+        backbone, pretrained = options["backbone"], options["pretrained"]
+        reason = None if options["allow_download"] else download_reason(backbone, pretrained)
+        if reason:
+            raise NcleanerError(
+                f"{backbone}: {reason} on a Ray worker ({socket.gethostname()}); "
+                "nothing is downloaded unless allowed (pass --allow-download)"
+            )
+        device = resolve_device(worker_device(options["device"]))
+        self.model = build_backbone(backbone, pretrained, device)
+        source = f"backbone {backbone} ({pretrained})"
+        self.encoder = Encoder(self.model, device, precision=options["precision"], source=source)
+
+    def _shard(self, url: str, name: str) -> dict:
+        o = self.options
+        stream = compute_features(
+            [url],
+            self.encoder,
+            preprocess=self.model.preprocess,
+            tokenizer=self.model.tokenizer,
+            batch_size=o["batch_size"],
+            workers=0,
+            max_pixels=o["max_image_pixels"],
+        )
+        return write_embedding_part(self.store, name, next(stream))
+
+
+def embed_on_ray(
+    todo: list[tuple[str, str]],
+    store: EmbeddingStore,
+    *,
+    backbone: str,
+    pretrained: str,
+    precision: str,
+    batch_size: int,
+    device: str,
+    max_image_pixels: int,
+    ray_address: str | None,
+    allow_download: bool,
+    progress: bool,
+    actors_per_gpu: int = 1,
+) -> dict[str, dict]:
+    """Encode the shards ``todo`` ((url, name) each) on the Ray engine, each part written into
+    ``store`` by the worker that encoded it; per shard name, what ``write_embedding_part`` answered."""
+    options = {
+        "backbone": backbone,
+        "pretrained": str(Path(pretrained).resolve()) if os.path.isfile(pretrained) else pretrained,
+        "precision": precision,
+        "device": device,
+        "allow_download": allow_download,
+        "batch_size": batch_size,
+        "max_image_pixels": max_image_pixels,
+    }
+    return run_shard_jobs(
+        EmbedJob,
+        (store, options),
+        todo,
+        ray_address=ray_address,
+        device=device,
+        actors_per_gpu=actors_per_gpu,
+        progress=progress,
+        desc=f"embedding {len(todo)} shard(s) on Ray",
+    )
 
 
 def write_embedding_part(store: EmbeddingStore, name: str, features: ShardFeatures) -> dict:

@@ -27,18 +27,21 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from . import schema
-from .distributed import check_engine
+from .engine import check_engine, ray_tasks
 from .errors import NcleanerError, UnreadableShard, first_line, printable
 from .schema import AUTO_RULE, SCORE_COLUMNS, Rule, failed_marker, report_paths
 from .shards import RawSample, expand_shards, image_member, is_local, read_shard, read_text_fields, sha1_of, shard_names
 from .writer import (
     MANIFEST,
+    ShardPiece,
     ShardSink,
     StagedDir,
     check_outputs_apart_from_inputs,
     recorded_files,
     replaceable_entries,
+    shard_layout,
     write_json,
+    write_shard_from_pieces,
 )
 
 logger = logging.getLogger(__name__)
@@ -448,9 +451,7 @@ def filter_shards(
         stages = [kept_stage.path, rejected_stage.path if rejected_stage is not None else None]
         todo = [url for url in urls if url not in skipped]
         if engine == "ray":
-            from .distributed import filter_on_ray
-
-            routed, (kept_paths, rejected_paths) = filter_on_ray(
+            routed, (kept_paths, rejected_paths) = _route_on_ray(
                 todo, reports, outcomes, stages, maxcount=maxcount, ray_address=ray_address, progress=progress
             )
         else:
@@ -521,6 +522,86 @@ def _result(out_dir: Path, rule: Rule, per_shard: dict[str, dict], plan: Overrid
         per_shard=per_shard,
         **fields,
     )
+
+
+# Where the Ray engine's route tasks leave each input shard's kept and rejected samples.
+PIECES = ".pieces"
+
+
+def _route_on_ray(
+    urls: list[str],
+    reports: dict,
+    outcomes: dict[str, list[str]],
+    stages: list[Path | None],
+    *,
+    maxcount: int,
+    ray_address: str | None,
+    progress: bool,
+) -> tuple[dict, tuple[list[Path], list[Path]]]:
+    """Route ``urls`` on the Ray engine into the kept and rejected staging directories ``stages``
+    (the second may be None); returns what ``_route_locally`` returns.
+
+    First a task per input shard writes its kept and rejected samples as pieces (under
+    ``STAGE/.pieces/``, ``_route_piece``); then a task per output shard copies its samples'
+    bytes out of the pieces, in input order, ``maxcount`` to a shard (``_stitch``), so the
+    shards are those one ``ShardSink`` fed shard after shard would have written. The pieces
+    are removed before the stage is committed.
+    """
+    for stage in stages:
+        if stage is not None:
+            (stage / PIECES).mkdir()
+    names = dict(zip(urls, shard_names(urls), strict=True))
+    written: list[list[Path]] = [[], []]
+    with ray_tasks(ray_address) as run:
+        args = []
+        for url in urls:
+            pieces = [str(s / PIECES / f"{names[url]}.tar") if s is not None else None for s in stages]
+            report = reports[url][[c for c in ROUTE_COLUMNS if c in reports[url].columns]]
+            args.append((url, report, outcomes[url], pieces))
+        routes = run(_route_piece, args, labels=urls, progress=progress, desc="filtering on Ray")
+        answers = dict(zip(urls, routes, strict=True))
+        stitches = []
+        for role, stage in enumerate(stages):
+            if stage is None:
+                continue
+            pieces = [(str(stage / PIECES / f"{names[u]}.tar"), answers[u]["ends"][role]) for u in urls]
+            for j, ranges in enumerate(shard_layout([p for p in pieces if p[1]], maxcount)):
+                written[role].append(stage / f"{j:05d}.tar")
+                stitches.append((str(written[role][-1]), ranges))
+        run(_stitch, stitches, labels=["filter output"] * len(stitches), progress=False, desc="")
+    for stage in stages:
+        if stage is not None:
+            for piece in (stage / PIECES).iterdir():
+                piece.unlink()
+            (stage / PIECES).rmdir()
+    routed = {url: (answers[url]["error"], answers[url]["damaged"]) for url in urls}
+    return routed, (written[0], written[1])
+
+
+def _route_piece(url: str, report: pd.DataFrame, outcomes: list[str], pieces: list[str | None]) -> dict:
+    """A Ray task: route one input shard into a kept and a rejected piece (``route_shard``).
+
+    Returns the byte offsets where each sample ends in each piece, whether the shard is
+    damaged, or the error that made it unreadable (then no piece is left).
+    """
+    sinks = [ShardPiece(p) for p in pieces if p is not None]
+    try:
+        damaged = route_shard(url, report, outcomes, sinks[0], sinks[1] if len(sinks) > 1 else None)
+    except BaseException as exc:
+        for sink in sinks:
+            sink.abort()
+        if isinstance(exc, UnreadableShard):
+            return {"error": str(exc), "damaged": False, "ends": [[], []]}
+        raise
+    for sink in sinks:
+        sink.close()
+    ends = [sink.ends for sink in sinks]
+    return {"error": None, "damaged": damaged, "ends": ends + [[]] * (2 - len(ends))}
+
+
+def _stitch(path: str, ranges: list[tuple]) -> str:
+    """A Ray task: one output shard from byte ranges of pieces (``writer.write_shard_from_pieces``)."""
+    return str(write_shard_from_pieces(path, ranges))
 
 
 def _route_locally(urls, reports, outcomes, stages, *, maxcount: int, on_bad_shard: str, bar) -> tuple[dict, tuple]:

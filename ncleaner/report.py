@@ -25,8 +25,8 @@ from tqdm.auto import tqdm
 
 from .backbone import resolve_device
 from .decode import DEFAULT_MAX_IMAGE_PIXELS, default_workers
-from .distributed import check_engine
 from .embeddings import ShardFeatures, model_features, open_for_model
+from .engine import ShardJob, check_engine, run_shard_jobs, worker_device
 from .errors import NcleanerError, settle_unreadable
 from .model import NcleanerModel
 from .schema import SCORE_COLUMNS, failed_marker, read_report_part, report_paths, report_schema
@@ -134,21 +134,22 @@ def score(
     if embeddings is not None:
         store = open_for_model(embeddings, model.config, create=True, assume_backbone=embeddings_backbone)
     if engine == "ray":
-        from .distributed import score_on_ray
-
-        answers = score_on_ray(
+        options = {
+            "device": device,
+            "allow_download": allow_download,
+            "batch_size": batch_size,
+            "max_image_pixels": max_image_pixels,
+            "keep_json_fields": list(keep_json_fields),
+        }
+        answers = run_shard_jobs(
+            ScoreJob,
+            (str(Path(model_dir).resolve()), str(out.resolve()), store, options),
             todo,
-            model_dir,
-            out,
-            store=store,
-            keep_json_fields=keep_json_fields,
-            batch_size=batch_size,
-            device=device,
-            max_image_pixels=max_image_pixels,
             ray_address=ray_address,
-            allow_download=allow_download,
-            progress=progress,
+            device=device,
             actors_per_gpu=ray_actors_per_gpu,
+            progress=progress,
+            desc=f"scoring {len(todo)} shard(s) on Ray",
         )
         for _, name in todo:  # in input order, as the local engine counts them
             record_shard(result, answers[name], out, name, on_bad_shard=on_bad_shard)
@@ -170,6 +171,29 @@ def score(
         record_shard(result, done, out, name, on_bad_shard=on_bad_shard)
     bar.close()
     return result
+
+
+class ScoreJob(ShardJob):
+    """``score`` on the Ray engine: the model loaded once per worker; each shard scored and its
+    report part and marker written there (``write_shard_report``), as the local engine does."""
+
+    def _setup(self, model_dir: str, out_dir: str, store, options: dict) -> None:
+        self.out, self.store, self.options = Path(out_dir), store, options
+        device = resolve_device(worker_device(options["device"]))
+        self.model = NcleanerModel.load(model_dir, device, allow_download=options["allow_download"])
+
+    def _shard(self, url: str, name: str) -> dict:
+        o = self.options
+        stream = model_features(
+            self.model,
+            [url],
+            [name],
+            store=self.store,
+            batch_size=o["batch_size"],
+            workers=0,
+            max_pixels=o["max_image_pixels"],
+        )
+        return write_shard_report(self.model, next(stream), self.out, name, keep_json_fields=o["keep_json_fields"])
 
 
 def write_shard_report(

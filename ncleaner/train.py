@@ -28,9 +28,9 @@ from . import losses, schema, selfcheck
 from .backbone import resolve_device
 from .config import DisNCLConfig
 from .decode import DEFAULT_MAX_IMAGE_PIXELS, by_shard, decode_blocks, default_workers
-from .distributed import check_engine
-from .embeddings import EmbeddingStore, model_features, open_for_model
+from .embeddings import EmbeddingStore, embed_on_ray, model_features, open_for_model
 from .encode import canonical
+from .engine import check_engine
 from .errors import NcleanerError, UnreadableShard
 from .heads import DisNCLCritics
 from .mixture import TwoComponentMixture
@@ -435,8 +435,6 @@ def _embed_on_ray(urls: list[str], store: EmbeddingStore, config: DisNCLConfig, 
     What follows reads every shard's features from the store, here: the heads train on a
     sample of at most ``max_fit_pairs`` of them, which one machine holds.
     """
-    from .distributed import embed_on_ray
-
     pending = store.to_embed(urls, shard_names(urls), max_pixels=reading["max_image_pixels"])
     todo = [(url, name) for url, name, _ in pending]
     if not todo:

@@ -21,7 +21,7 @@ import pandas as pd
 import pytest
 from conftest import run_cli
 
-from ncleaner.distributed import check_engine
+from ncleaner.engine import check_engine
 from ncleaner.errors import NcleanerError
 from ncleaner.writer import ShardPiece, ShardSink, shard_layout, write_shard_from_pieces
 
