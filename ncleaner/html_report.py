@@ -38,7 +38,7 @@ from PIL import Image
 from . import __version__, schema
 from .config import DEFAULT_MAX_IMAGE_PIXELS
 from .errors import NcleanerError, UnreadableShard, first_line, printable
-from .filtering import KEPT, ScoredSamples, is_kept, load_shard_reports, make_rule, route
+from .rules import KEPT, ScoredSamples, is_kept, load_shard_reports, make_rule, route
 from .schema import SCORE_COLUMNS, STATUSES, Rule
 from .shards import RawSample, expand_shards, image_member, read_shard
 from .writer import atomic_write, remove_stale_partials
