@@ -402,7 +402,9 @@ def fit_config(ctx: click.Context, config_file: str | None, options: dict, overr
         config = DisNCLConfig()
         if config_file:
             # The derived fields of an earlier model's config.json are this fit's to fill in.
-            config = dataclasses.replace(DisNCLConfig.load(config_file), embed_dim=0, version=config.version)
+            config = dataclasses.replace(
+                DisNCLConfig.load(config_file), embed_dim=0, pretrained_sha256=None, version=config.version
+            )
         typed = {k: v for k, v in options.items() if ctx.get_parameter_source(k) != ParameterSource.DEFAULT}
         config = config.with_overrides(typed).with_overrides(overrides)
     except ValueError as exc:

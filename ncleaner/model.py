@@ -173,7 +173,7 @@ class NcleanerModel(torch.nn.Module):
         # The caller's config stays as it was: the model carries a copy with the derived fields. A
         # checkpoint file is recorded by absolute path and content, so that the model can be loaded
         # from any directory and never onto other weights found under the same name.
-        derived = {"embed_dim": backbone.embed_dim}
+        derived = {"embed_dim": backbone.embed_dim, "pretrained_sha256": None}
         if config.pretrained and os.path.isfile(config.pretrained):
             path = os.path.abspath(config.pretrained)
             derived.update(pretrained=path, pretrained_sha256=checkpoint_sha256(path))

@@ -373,6 +373,11 @@ def test_a_relative_pretrained_path_is_stored_so_the_model_loads_from_anywhere(p
     assert config["pretrained"] == str(checkpoint) and len(config["pretrained_sha256"]) == 64
     monkeypatch.chdir(tmp_path)
     run_cli("score", pool, "--model", tmp_path / "model", "--out", tmp_path / "r", "-q")
+    # Started from that config.json without its checkpoint, the new model does not inherit the hash.
+    run_cli("fit", pool, "--out", tmp_path / "scratch", "--config", tmp_path / "model" / "config.json",
+            "--set", "pretrained=null", "--train-backbone", "all", "--epochs", "1", "--set", "selfcheck_fraction=0",
+            "--set", "score_term=clip_sim", "--set", "score_weight=0", "-q")  # fmt: skip
+    assert json.loads((tmp_path / "scratch" / "config.json").read_text())["pretrained_sha256"] is None
 
     _checkpoint(checkpoint, seed=5)  # other weights under the same name
     other = run_cli("score", pool, "--model", tmp_path / "model", "--out", tmp_path / "r2", ok=False)
