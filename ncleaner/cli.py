@@ -9,13 +9,14 @@ import json
 import logging
 import math
 import sys
+import typing
 from pathlib import Path
 
 import click
 from click.core import ParameterSource
 
 from . import __version__
-from .config import DEFAULT_MAX_IMAGE_PIXELS, PRECISIONS, TRAIN_BACKBONE_CHOICES, DisNCLConfig
+from .config import DEFAULT_MAX_IMAGE_PIXELS, PRECISIONS, DisNCLConfig
 from .errors import NcleanerError, first_line, printable
 from .schema import OK, SCORE_COLUMNS, TRUNCATED_SHARD
 
@@ -251,59 +252,35 @@ def main():
     """
 
 
+def config_options(command):
+    """One option per ``DisNCLConfig`` field a user sets (``config.setting``): ``--epochs`` for
+    ``epochs``, ``--soft-targets/--no-soft-targets`` for a bool, with the field's type, default,
+    choices, lowest value and help. The command receives them as keyword arguments; a new field
+    needs no edit here."""
+    hints = typing.get_type_hints(DisNCLConfig)
+    for f in reversed(dataclasses.fields(DisNCLConfig)):
+        if "help" not in f.metadata:
+            continue
+        flag = f"--{f.name.replace('_', '-')}"
+        kind = hints[f.name]
+        if kind is bool:
+            decls, kwargs = (f"{flag}/--no-{flag[2:]}",), {"is_flag": True}
+        elif f.metadata["choices"]:
+            decls, kwargs = (flag,), {"type": click.Choice(f.metadata["choices"])}
+        else:
+            base = next(t for t in (int, float, str) if kind is t or t in typing.get_args(kind))
+            low = f.metadata["min"]
+            decls, kwargs = (flag,), {"type": click.IntRange(min=low) if low is not None else base}
+        command = click.option(
+            *decls, f.name, default=f.default, show_default=f.default is not None, help=f.metadata["help"], **kwargs
+        )(command)
+    return command
+
+
 @main.command()
 @click.argument("shards", nargs=-1, required=True)
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Model directory to write.")
-@click.option(
-    "--backbone",
-    default=DisNCLConfig.backbone,
-    show_default=True,
-    help="open_clip model name. The default is a tiny demo backbone trained from scratch, not a real one.",
-)
-@click.option(
-    "--pretrained", default=None, help="open_clip pretrained tag (e.g. laion2b_s34b_b79k) or a local checkpoint file."
-)
-@click.option(
-    "--train-backbone",
-    type=click.Choice(TRAIN_BACKBONE_CHOICES),
-    default="auto",
-    show_default=True,
-    help="none: freeze the backbone and cache its features (default with --pretrained); "
-    "all: train it with the heads (default without).",
-)
-@click.option(
-    "--epochs", type=click.IntRange(min=1), default=DisNCLConfig.epochs, show_default=True, help="Training epochs."
-)
-@click.option(
-    "--warmup-epochs",
-    type=click.IntRange(min=0),
-    default=DisNCLConfig.warmup_epochs,
-    show_default=True,
-    help="Epochs of plain alignment before pairs are weighted by how clean they look.",
-)
-@click.option(
-    "--batch-size",
-    type=click.IntRange(min=2),
-    default=DisNCLConfig.batch_size,
-    show_default=True,
-    help="Pairs per contrastive batch.",
-)
-@click.option("--lr", type=float, default=DisNCLConfig.lr, show_default=True, help="Learning rate of the heads.")
-@click.option("--seed", type=int, default=DisNCLConfig.seed, show_default=True, help="Seed of every random choice.")
-@click.option(
-    "--max-fit-pairs",
-    type=click.IntRange(min=4),
-    default=DisNCLConfig.max_fit_pairs,
-    show_default=True,
-    help="Train on a uniform sample of at most this many usable pairs (bounds fit's memory; score covers all).",
-)
-@click.option(
-    "--precision",
-    type=click.Choice(PRECISIONS),
-    default=DisNCLConfig.precision,
-    show_default=True,
-    help="Backbone precision on CUDA (fp16/bf16 autocast); recorded in the model, used by score too.",
-)
+@config_options
 @click.option(
     "--config",
     "config_file",

@@ -34,6 +34,13 @@ JSON_TYPES = {
 }
 
 
+def setting(default, help: str, *, choices: tuple[str, ...] | None = None, min: int | None = None):  # noqa: A002
+    """A field a user sets: its default, and what ``fit`` shows for it (``--help``, the option's
+    choices or lowest value). ``cli.config_options`` makes one ``fit`` option of each such field,
+    so a new setting needs no edit of the CLI."""
+    return dataclasses.field(default=default, metadata={"help": help, "choices": choices, "min": min})
+
+
 @dataclass
 class DisNCLConfig:
     """Everything that defines a fitted ncleaner model besides its weights.
@@ -44,67 +51,94 @@ class DisNCLConfig:
     """
 
     # Backbone (docs/design.md section 1).
-    backbone: str = TINY_BACKBONE
-    pretrained: str | None = None  # a tag, or a checkpoint file (stored as an absolute path by fit)
-    pretrained_sha256: str | None = None  # of that file, filled at fit time; a model checks it on load
-    train_backbone: str = "auto"  # "none": frozen, features cached; "all": trained with the heads
+    backbone: str = setting(
+        TINY_BACKBONE, "open_clip model name. The default is a tiny demo backbone trained from scratch, not a real one."
+    )
+    pretrained: str | None = setting(
+        None, "open_clip pretrained tag (e.g. laion2b_s34b_b79k) or a local checkpoint file (stored by absolute path)."
+    )
+    train_backbone: str = setting(
+        "auto",
+        "none: freeze the backbone and cache its features (default with --pretrained); "
+        "all: train it with the heads (default without).",
+        choices=TRAIN_BACKBONE_CHOICES,
+    )
     embed_dim: int = 0  # filled from the backbone at fit time
-    precision: str = "fp32"  # "fp16" / "bf16": autocast of the backbone on CUDA (fit and score)
+    pretrained_sha256: str | None = None  # of a checkpoint file, filled at fit time; a model checks it on load
+    precision: str = setting(
+        "fp32",
+        "Backbone precision on CUDA (fp16/bf16 autocast); recorded in the model, used by score too.",
+        choices=PRECISIONS,
+    )
 
     # DisNCL heads (section 2). The MII subspace has the backbone's width so that the
     # MII head can start as the identity (see heads.ResidualHead).
-    mei_dim: int = 64
-    hidden_dim: int = 256
+    mei_dim: int = setting(64, "Width of each modality-exclusive (MEI) subspace.", min=1)
+    hidden_dim: int = setting(256, "Hidden width of the heads' MLPs.", min=1)
 
     # Alignment in the MII subspace with soft many-to-many targets.
-    tau: float = 0.05
-    target_tau: float = 0.05
-    identity_mix: float = 0.5
+    tau: float = setting(0.05, "Temperature of the MII alignment loss.")
+    target_tau: float = setting(0.05, "Temperature of the soft many-to-many targets.")
+    identity_mix: float = setting(0.5, "Share of the one-hot target mixed into the soft targets, in [0, 1].")
 
     # Ablation switches; all on is DisNCL. With both off and lambda_dis = lambda_reg = 0 the
     # objective is plain symmetric InfoNCE (the NCR-style baseline of the benchmark).
-    soft_targets: bool = True  # False: one-hot targets
-    noise_weights: bool = True  # False: every pair keeps weight 1 after the warm-up too
+    soft_targets: bool = setting(True, "Soft many-to-many targets (off: one-hot).")
+    noise_weights: bool = setting(True, "Down-weight pairs that look noisy after the warm-up (off: weight 1 for all).")
 
     # Loss weights: L = L_align + lambda_dis * L_Dis + lambda_reg * L_reg + lambda_edit * L_edit.
-    lambda_dis: float = 0.1
-    lambda_adv: float = 1.0
-    lambda_reg: float = 0.01
+    lambda_dis: float = setting(0.1, "Weight of the disentanglement term L_Dis.")
+    lambda_adv: float = setting(1.0, "Weight of the adversarial critics inside L_Dis.")
+    lambda_reg: float = setting(0.01, "Weight of the reconstruction term L_reg.")
     # Hard negatives from the pool (docs/design.md section 2.1): L_edit against one-fact edits of the
     # training captions, and the share of each batch made of near neighbours (frozen backbone only).
-    lambda_edit: float = 0.0
-    hard_batch_share: float = 0.0
+    lambda_edit: float = setting(0.0, "Weight of L_edit against one-fact edits of the training captions.")
+    hard_batch_share: float = setting(
+        0.0, "Share of each batch made of near neighbours in the stored features, in [0, 1] (frozen backbone)."
+    )
 
     # Training sample: fit trains on a uniform sample of at most this many ok pairs of the pool
     # (score still covers every pair); it bounds fit's memory (README, "Memory").
-    max_fit_pairs: int = 1_000_000
+    max_fit_pairs: int = setting(
+        1_000_000,
+        "Train on a uniform sample of at most this many usable pairs (bounds fit's memory; score covers all).",
+        min=4,
+    )
 
     # Optimisation.
-    epochs: int = 12
-    warmup_epochs: int = 3
-    batch_size: int = 128
-    lr: float = 1e-3
-    backbone_lr: float = 1e-3
-    weight_decay: float = 0.05
-    critic_lr: float = 1e-3
-    seed: int = 0
+    epochs: int = setting(12, "Training epochs.", min=1)
+    warmup_epochs: int = setting(
+        3, "Epochs of plain alignment before pairs are weighted by how clean they look.", min=0
+    )
+    batch_size: int = setting(128, "Pairs per contrastive batch.", min=2)
+    lr: float = setting(1e-3, "Learning rate of the heads.")
+    backbone_lr: float = setting(1e-3, "Learning rate of a backbone that trains.")
+    weight_decay: float = setting(0.05, "AdamW weight decay.")
+    critic_lr: float = setting(1e-3, "Learning rate of the adversarial critics.")
+    seed: int = setting(0, "Seed of every random choice.")
 
     # Scoring (section 3).
-    bank_size: int = 1024
-    calibration_points: int = 1001
+    bank_size: int = setting(1024, "Pool pairs in the fixed reference bank (soft_agreement, negclip).", min=1)
+    calibration_points: int = setting(1001, "Quantiles stored per score term to calibrate it.", min=2)
 
     # score = clip_sim + score_weight * (g(score_term) - clip_sim) (docs/design.md section 3, Eq. S1).
     # "auto" / null: fit's self-check chooses them on a held-out slice of the pool with injected noise.
-    score_term: str = "auto"  # auto, clip_sim, mii_sim, soft_agreement or negclip
-    score_weight: float | None = None  # in [0, 1]; null: chosen by the self-check
+    score_term: str = setting(
+        "auto", "The term that corrects clip_sim in score (auto: chosen by the self-check).", choices=SCORE_TERM_CHOICES
+    )
+    score_weight: float | None = setting(
+        None, "Weight of that correction, in [0, 1] (unset: chosen by the self-check)."
+    )
 
     # Self-check (section 3.1): selfcheck_fraction of the usable pairs (at least selfcheck_min_pairs,
     # at most selfcheck_max_pairs and a fifth of the pool) is held out of training; 0 turns it off.
-    selfcheck_fraction: float = 0.1
-    selfcheck_min_pairs: int = 300
-    selfcheck_max_pairs: int = 20_000
+    selfcheck_fraction: float = setting(0.1, "Share of the usable pairs held out for the self-check (0: off).")
+    selfcheck_min_pairs: int = setting(300, "Fewest pairs the self-check holds out.", min=0)
+    selfcheck_max_pairs: int = setting(20_000, "Most pairs the self-check holds out.", min=0)
     # How many bootstrap standard errors a correction must gain over clip_sim by on half B to be used.
-    selfcheck_margin: float = 2.0
+    selfcheck_margin: float = setting(
+        2.0, "Bootstrap standard errors a correction must gain over clip_sim by on the check's half B."
+    )
 
     version: str = __version__
 

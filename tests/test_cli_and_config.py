@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import re
@@ -190,3 +191,25 @@ def test_every_command_takes_quiet_and_verbose(small_shards, tmp_path):
     loud = run_cli("inject-noise", d, "--out", tmp_path / "a", "--rate", "0.5", "-v")
     quiet = run_cli("inject-noise", d, "--out", tmp_path / "b", "--rate", "0.5", "-q")
     assert "warning: " in loud.output and "warning: " in quiet.output  # -q keeps warnings
+
+
+def test_every_setting_of_disnclconfig_is_a_fit_option(small_shards, tmp_path):
+    from ncleaner.cli import fit as fit_command
+
+    settable = [f.name for f in dataclasses.fields(DisNCLConfig) if "help" in f.metadata]
+    assert {"epochs", "mei_dim", "soft_targets", "score_weight", "selfcheck_margin"} <= set(settable)
+    options = {p.name: p for p in fit_command.params}
+    assert all(name in options and options[name].help for name in settable)
+    assert not {"embed_dim", "version", "pretrained_sha256"} & set(options)  # derived: never typed
+    run_cli("fit", small_shards / "00000.tar", "--out", tmp_path / "m", "--epochs", "1", "--warmup-epochs", "0",
+            "--mei-dim", "16", "--no-soft-targets", "--score-term", "clip_sim", "--score-weight", "0",
+            "--selfcheck-fraction", "0", "-q")  # fmt: skip
+    saved = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert (saved["mei_dim"], saved["soft_targets"], saved["score_term"], saved["score_weight"]) == (
+        16,
+        False,
+        "clip_sim",
+        0.0,
+    )
+    refused = run_cli("fit", small_shards, "--out", tmp_path / "n", "--mei-dim", "0", ok=False)
+    assert refused.exit_code == 2 and "--mei-dim" in refused.output
