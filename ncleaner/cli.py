@@ -366,7 +366,7 @@ def fit(
         + (f" (a uniform sample of {result.statuses.get(OK, 0)})" if sampled else "")
         + (f" ({unused} could not be used)" if unused else "")
         + (f"; {truncated} pairs of truncated shards left out" if truncated else "")
-        + _shard_notes(result.skipped_shards, [])
+        + _shard_notes(result.unreadable_shards, [])
     )
     if result.selfcheck is not None:
         click.echo(f"self-check (AUROC of finding injected noise, held-out half B):\n{result.selfcheck.table()}")
@@ -463,10 +463,10 @@ def score(
         ray_actors_per_gpu=ray_actors_per_gpu,
     )
     click.echo(
-        f"report {result.report_dir}: {result.rows} rows from {len(result.scored_shards) + len(result.skipped_shards)}"
+        f"report {result.report_dir}: {result.rows} rows from {len(result.scored_shards) + len(result.done_before)}"
         f" shard(s), model {result.model_id}"
         + _not_ok_note(result.statuses, "not scored")
-        + _shard_notes(result.failed_shards, result.truncated_shards)
+        + _shard_notes(result.unreadable_shards, result.truncated_shards)
     )
 
 
@@ -531,9 +531,9 @@ def embed(shards, backbone, pretrained, out_dir, batch_size, precision, device, 
             if result.reembedded_shards
             else ""
         )
-        + (f", {len(result.skipped_shards)} shard(s) already there" if result.skipped_shards else "")
+        + (f", {len(result.done_before)} shard(s) already there" if result.done_before else "")
         + _not_ok_note(result.statuses, "not embedded")
-        + _shard_notes(result.failed_shards, result.truncated_shards)
+        + _shard_notes(result.unreadable_shards, result.truncated_shards)
     )
 
 
@@ -640,7 +640,7 @@ def filter_cmd(
             f"would reject {result.rejected_count}"
             + (f" ({reasons})" if reasons else "")
             + overridden
-            + _shard_notes(result.skipped_shards, [])
+            + _shard_notes(result.unreadable_shards, [])
             + "; nothing written"
         )
         return
@@ -649,7 +649,7 @@ def filter_cmd(
         f"in {len(result.kept_shards)} shard(s) under {result.out_dir}; rejected {result.rejected_count}"
         + (f" ({reasons})" if reasons else "")
         + overridden
-        + _shard_notes(result.skipped_shards, result.truncated_shards)
+        + _shard_notes(result.unreadable_shards, result.truncated_shards)
     )
 
 
@@ -729,7 +729,7 @@ def inspect_cmd(shards, report_dir, out, threshold, keep_fraction, auto, column,
             if truth
             else ""
         )
-        + _shard_notes(result.skipped_shards, [])
+        + _shard_notes(result.unreadable_shards, [])
     )
 
 

@@ -767,9 +767,9 @@ class EmbedResult:
     identity: dict
     statuses: Counter = field(default_factory=Counter)
     embedded_shards: list[str] = field(default_factory=list)
-    skipped_shards: list[str] = field(default_factory=list)
+    done_before: list[str] = field(default_factory=list)
     reembedded_shards: list[str] = field(default_factory=list)
-    failed_shards: dict[str, str] = field(default_factory=dict)
+    unreadable_shards: dict[str, str] = field(default_factory=dict)
     truncated_shards: list[str] = field(default_factory=list)
 
 
@@ -806,7 +806,7 @@ def embed(
         workers: decoding processes (None: one per core, at most one per shard; 0: in this process).
         precision: ``fp32``, or ``fp16`` / ``bf16`` autocast on CUDA.
         on_bad_shard: ``fail`` stops at an unreadable shard; ``skip`` leaves it out (no part is
-            written, so the next run tries it again) and lists it in ``failed_shards``.
+            written, so the next run tries it again) and lists it in ``unreadable_shards``.
         max_image_pixels: larger images are not decoded (status ``too_large``).
         progress: one progress bar over the pairs.
         allow_download: let open_clip download ``backbone`` / ``pretrained``.
@@ -837,9 +837,9 @@ def embed(
     todo = [(url, name) for url, name, _ in pending]
     result.reembedded_shards = [url for url, _, stale in pending if stale]
     waiting = {url for url, _ in todo}
-    result.skipped_shards = [url for url in urls if url not in waiting]
-    if result.skipped_shards:
-        logger.info("skipped %d shard(s) already embedded", len(result.skipped_shards))
+    result.done_before = [url for url in urls if url not in waiting]
+    if result.done_before:
+        logger.info("skipped %d shard(s) already embedded", len(result.done_before))
     if engine == "ray":
         answers = embed_on_ray(
             todo,
@@ -961,9 +961,9 @@ def write_embedding_part(store: EmbeddingStore, name: str, features: ShardFeatur
 
 def record_embedding(result: EmbedResult, done: dict, *, on_bad_shard: str) -> None:
     """Count one shard (``write_embedding_part``'s answer) into ``result``; an unreadable one
-    stops the run (``fail``) or is listed in ``failed_shards`` (``skip``)."""
+    stops the run (``fail``) or is listed in ``unreadable_shards`` (``skip``)."""
     url = done["shard"]
-    if settle_unreadable(done, on_bad_shard, result.failed_shards, logger):
+    if settle_unreadable(done, on_bad_shard, result.unreadable_shards, logger):
         return
     result.statuses.update(done["statuses"])
     result.embedded_shards.append(url)

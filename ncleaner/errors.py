@@ -33,14 +33,14 @@ class UnreadableShard(NcleanerError):
     """
 
 
-def settle_unreadable(done: dict, on_bad_shard: str, failed_shards: dict[str, str], log: logging.Logger) -> bool:
+def settle_unreadable(done: dict, on_bad_shard: str, unreadable: dict[str, str], log: logging.Logger) -> bool:
     """Apply ``--on-bad-shard`` to one shard's answer: False for a shard that was read; for one
     that was not (an ``error`` in ``done``), raise UnreadableShard (``fail``), or warn on ``log``,
-    list it in ``failed_shards`` and return True (``skip``)."""
+    list it in ``unreadable`` and return True (``skip``)."""
     if "error" not in done:
         return False
     if on_bad_shard == "fail":
         raise UnreadableShard(done["error"])
     log.warning("skipped %s", done["error"])
-    failed_shards[done["shard"]] = done["error"]
+    unreadable[done["shard"]] = done["error"]
     return True

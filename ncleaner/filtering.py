@@ -70,7 +70,7 @@ class FilterResult:
     rule: Rule
     kept_shards: list[str] = field(default_factory=list)
     rejected_shards: list[str] = field(default_factory=list)
-    skipped_shards: dict[str, str] = field(default_factory=dict)
+    unreadable_shards: dict[str, str] = field(default_factory=dict)
     truncated_shards: list[str] = field(default_factory=list)
     kept_by_override: int = 0
     rejected_by_override: int = 0
@@ -152,7 +152,7 @@ def filter_shards(
             if d is not None:
                 replaceable_entries(Path(d), force=force, owned=owned)
         per_shard = {url: _shard_counts(outcomes[url]) for url in urls if url not in skipped}
-        return _result(Path(out_dir), rule, per_shard, plan, skipped_shards=skipped, dry_run=True)
+        return _result(Path(out_dir), rule, per_shard, plan, unreadable_shards=skipped, dry_run=True)
 
     per_shard: dict[str, dict] = {}
     truncated: list[str] = []
@@ -189,7 +189,7 @@ def filter_shards(
             rule,
             per_shard,
             plan,
-            skipped_shards=skipped,
+            unreadable_shards=skipped,
             truncated_shards=truncated,
             kept_shards=[str(Path(out_dir) / p.name) for p in kept_paths],
             rejected_shards=[str(Path(rejected_out) / p.name) for p in rejected_paths],
@@ -384,7 +384,7 @@ def _manifest(result: FilterResult, urls, report_dir: Path, reports, rejected_ou
         "kept_count": result.kept_count,
         "rejected_count": result.rejected_count,
         "rejected_by_reason": result.rejected_by_reason,
-        "skipped_shards": result.skipped_shards,
+        "unreadable_shards": result.unreadable_shards,
         "truncated_shards": result.truncated_shards,
         "rule": asdict(result.rule),
         "kept_by_override": result.kept_by_override,

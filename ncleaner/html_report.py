@@ -79,7 +79,7 @@ class InspectResult:
     cards: dict[str, int] = field(default_factory=dict)
     thumbnails: int = 0
     truth: dict | None = None
-    skipped_shards: dict[str, str] = field(default_factory=dict)
+    unreadable_shards: dict[str, str] = field(default_factory=dict)
 
 
 def inspect_report(
@@ -198,7 +198,7 @@ def inspect_report(
         cards={g["id"]: len(g["cards"]) for g in context["galleries"]},
         thumbnails=len(thumbs),
         truth=truth,
-        skipped_shards=skipped,
+        unreadable_shards=skipped,
     )
 
 

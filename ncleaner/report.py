@@ -45,8 +45,8 @@ class ScoreResult:
     rows: int = 0
     statuses: Counter = field(default_factory=Counter)
     scored_shards: list[str] = field(default_factory=list)
-    skipped_shards: list[str] = field(default_factory=list)
-    failed_shards: dict[str, str] = field(default_factory=dict)
+    done_before: list[str] = field(default_factory=list)
+    unreadable_shards: dict[str, str] = field(default_factory=dict)
     truncated_shards: list[str] = field(default_factory=list)
 
 
@@ -126,8 +126,8 @@ def score(
         for url, name in zip(urls, names, strict=True)
         if not _already_scored(out, url, name, model.model_id, overwrite, result)
     ]
-    if result.skipped_shards:
-        logger.info("skipped %d shard(s) already scored (use --overwrite to redo)", len(result.skipped_shards))
+    if result.done_before:
+        logger.info("skipped %d shard(s) already scored (use --overwrite to redo)", len(result.done_before))
     if not todo:
         return result
     store = None
@@ -239,7 +239,7 @@ def record_shard(result: ScoreResult, done: dict, out_dir: Path, name: str, *, o
     and left for the next run to try again (``skip``).
     """
     url = done["shard"]
-    if settle_unreadable(done, on_bad_shard, result.failed_shards, logger):
+    if settle_unreadable(done, on_bad_shard, result.unreadable_shards, logger):
         write_json(failed_marker(out_dir, name), {"shard": url, "reason": done["error"]})
         return
     result.scored_shards.append(url)
@@ -260,7 +260,7 @@ def _already_scored(out: Path, url: str, name: str, model_id: str, overwrite: bo
             f"{target}: already scored from {done.get('shard')} with model {done.get('model_id')}; "
             "use --overwrite to replace it"
         )
-    result.skipped_shards.append(url)
+    result.done_before.append(url)
     result.rows += done["rows"]
     result.statuses.update(done["statuses"])
     return True

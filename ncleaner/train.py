@@ -62,7 +62,7 @@ class TrainingSet:
     has_edit: torch.Tensor | None = None
     edit_f: torch.Tensor | None = None
     edit_tokens: torch.Tensor | None = None
-    skipped_shards: dict[str, str] = field(default_factory=dict)  # unreadable shard -> why
+    unreadable_shards: dict[str, str] = field(default_factory=dict)  # unreadable shard -> why
 
     def __len__(self) -> int:
         held = self.f_v if self.f_v is not None else self.images
@@ -79,7 +79,7 @@ class TrainingSet:
             images=pick(self.images),
             tokens=pick(self.tokens),
             captions=[self.captions[i] for i in idx.tolist()],
-            skipped_shards=self.skipped_shards,
+            unreadable_shards=self.unreadable_shards,
         )
 
 
@@ -91,7 +91,7 @@ class FitResult:
     pairs_used: int
     statuses: dict[str, int]
     history: list[dict]
-    skipped_shards: dict[str, str] = field(default_factory=dict)
+    unreadable_shards: dict[str, str] = field(default_factory=dict)
     pairs_held_out: int = 0  # held out of training for the self-check
     retrained: bool = False  # trained again on every pair after the self-check (a backbone that trains)
     selfcheck: selfcheck.SelfCheck | None = None
@@ -166,7 +166,7 @@ def load_training_set(
 
     A shard that ends early contributes no pair (all its samples count as
     ``truncated_shard``); an unreadable one stops the run, or with
-    ``on_bad_shard="skip"`` is recorded in ``skipped_shards`` and left out.
+    ``on_bad_shard="skip"`` is recorded in ``unreadable_shards`` and left out.
     """
     data = TrainingSet()
     max_fit_pairs = model.config.max_fit_pairs
@@ -177,7 +177,7 @@ def load_training_set(
             if on_bad_shard == "fail":
                 raise UnreadableShard(error)
             logger.warning("skipped %s", error)
-            data.skipped_shards[url] = error
+            data.unreadable_shards[url] = error
             continue
         data.statuses.update(statuses)
         if columns is not None and len(columns[0]):
@@ -264,7 +264,7 @@ def fit(
         device: ``cpu``, ``cuda``, ``cuda:N`` or ``auto``.
         force: replace an existing model directory (only the files ``fit`` writes).
         on_bad_shard: ``fail`` stops at an unreadable shard; ``skip`` leaves it out
-            and lists it in ``FitResult.skipped_shards``.
+            and lists it in ``FitResult.unreadable_shards``.
         max_image_pixels: larger images are not decoded (status ``too_large``).
         embeddings: an embeddings directory (``ncleaner.embeddings``, frozen backbone only):
             shards it holds are read from it, the others encoded and added to it, so that
@@ -386,7 +386,7 @@ def _fit(urls, out: Path, config, device, reading: dict, progress) -> FitResult:
         pairs_used=len(data),
         statuses=dict(data.statuses),
         history=history,
-        skipped_shards=data.skipped_shards,
+        unreadable_shards=data.unreadable_shards,
         pairs_held_out=0 if check_set is None else len(check_set),
         retrained=data is everything and check_set is not None,
         selfcheck=check,

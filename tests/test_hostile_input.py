@@ -351,7 +351,7 @@ def test_skip_records_the_bad_shard_and_goes_on(pool_with_a_bad_shard, small_mod
     run_cli("filter", pool_with_a_bad_shard, "--report", report, "--out", tmp_path / "c", "--auto",
             "--on-bad-shard", "skip")  # fmt: skip
     manifest = json.loads((tmp_path / "c" / "manifest.json").read_text())
-    assert list(manifest["skipped_shards"]) == [bad] and manifest["input_count"] == 64
+    assert list(manifest["unreadable_shards"]) == [bad] and manifest["input_count"] == 64
 
 
 def test_reader_raises_unreadable_shard_for_a_file_that_is_not_a_tar(tmp_path):

@@ -100,7 +100,7 @@ def test_embed_resumes_shard_by_shard(embedded, pool, tiny_checkpoint, tmp_path)
     before = (copy / "img_emb" / "img_emb_00000.npy").stat().st_mtime_ns
     result = embed(str(pool), copy, backbone="ncleaner-tiny", pretrained=str(tiny_checkpoint), workers=0)
     assert [Path(u).name for u in result.embedded_shards] == ["00001.tar"]
-    assert len(result.skipped_shards) == 2
+    assert len(result.done_before) == 2
     assert (copy / "img_emb" / "img_emb_00000.npy").stat().st_mtime_ns == before
     for side in ("img_emb/img_emb_00001.npy", "text_emb/text_emb_00001.npy"):
         np.testing.assert_array_equal(np.load(copy / side), np.load(embedded / side))
