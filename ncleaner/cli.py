@@ -333,7 +333,7 @@ def fit(
     then --set; it is saved as the model's config.json. With --engine ray (a frozen --pretrained
     backbone and --embeddings), the shards are encoded on the cluster; the heads train here.
     """
-    from .train import fit as run_fit
+    from .fitting import fit as run_fit
 
     config = fit_config(ctx, config_file, options, overrides)
     result = run_fit(
@@ -440,7 +440,7 @@ def score(
     Pairs that cannot be scored (corrupt image, missing caption...) get a row too, with a status
     saying why. Shards already in the report are skipped, so an interrupted run can be resumed.
     """
-    from .report import score as run_score
+    from .scoring import score as run_score
 
     fields = [f.strip() for f in keep_json_fields.split(",") if f.strip()]
     result = run_score(
@@ -710,7 +710,7 @@ def inspect_cmd(shards, report_dir, out, threshold, keep_fraction, auto, column,
     that could not be scored. The page filters, sorts, and copies the selected keys for
     filter --keep-keys / --reject-keys. It is resolved exactly as filter resolves the rule.
     """
-    from .html_report import inspect_report
+    from .inspection import inspect_report
 
     if (threshold is not None) + (keep_fraction is not None) + auto > 1:
         raise click.UsageError("give at most one of --threshold, --keep-fraction or --auto")
@@ -839,7 +839,7 @@ def evaluate(
     the MII subspace and in the raw backbone space.
     """
     from . import evaluate as ev
-    from .report import read_report
+    from .scoring import read_report
 
     if report_dir is None and not retrieval_shards:
         raise click.UsageError("give --report, --retrieval SHARDS --model M, or both")

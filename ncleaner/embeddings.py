@@ -811,7 +811,7 @@ def embed(
         progress: one progress bar over the pairs.
         allow_download: let open_clip download ``backbone`` / ``pretrained``.
         engine: ``local``, or ``ray``: one work item per shard on a Ray cluster, each encoded
-            and written by a worker holding the backbone (``ncleaner.distributed``).
+            and written by a worker holding the backbone (``ncleaner.ray_engine``).
         ray_address: with ``engine="ray"``: None starts a local Ray for the run, ``auto`` joins
             the cluster ``ray start`` made on this machine, ``HOST:PORT`` another one.
         ray_actors_per_gpu: with ``engine="ray"`` on GPUs, workers sharing each GPU (each decodes

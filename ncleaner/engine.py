@@ -2,10 +2,10 @@
 
 A stage (``score``, ``embed``, ``filter``) runs locally by itself: its shards stream through
 decode and encode in this process and its decode workers. For ``--engine ray`` it describes
-its per-shard work as a job and hands it here; the Ray engine (``ncleaner.distributed``) runs
+its per-shard work as a job and hands it here; the Ray engine (``ncleaner.ray_engine``) runs
 any job and imports no stage, so a new stage needs no edit of the Ray module (as datatrove's
 pipeline steps never import an executor). Each stage's Ray job lives with its stage:
-``report.ScoreJob``, ``embeddings.EmbedJob``, and ``filter``'s two task functions in
+``scoring.ScoreJob``, ``embeddings.EmbedJob``, and ``filter``'s two task functions in
 ``filtering``.
 
 Nothing here imports Ray, or torch, before it is used: ``filter`` and the local engine never
@@ -32,7 +32,7 @@ def check_engine(engine: str, ray_address: str | None) -> None:
         if ray_address is not None:
             raise NcleanerError("--ray-address: only with --engine ray")
         return
-    from .distributed import check_ray
+    from .ray_engine import check_ray
 
     check_ray(ray_address)
 
@@ -91,7 +91,7 @@ def run_shard_jobs(
 ) -> dict[str, dict]:
     """``job(*init).run(url, name)`` for every (url, name) of ``todo`` on the Ray engine, on a pool
     of workers each set up once; per shard name, its answer."""
-    from .distributed import ray_session, run_on_actors
+    from .ray_engine import ray_session, run_on_actors
 
     answers: dict[str, dict] = {}
     with ray_session(ray_address) as ray:
@@ -115,7 +115,7 @@ def ray_tasks(ray_address: str | None) -> Iterator[Callable[..., list]]:
     tasks ``fn(*a)`` for every ``a`` of ``args`` on the Ray engine (one CPU each, retried as a
     shard is), their results in the order of ``args``; ``labels`` name each task in an error.
     One Ray session serves every call, so a stage of several steps starts Ray once."""
-    from .distributed import ray_session, run_remote
+    from .ray_engine import ray_session, run_remote
 
     with ray_session(ray_address) as ray:
         yield functools.partial(run_remote, ray)

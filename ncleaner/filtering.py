@@ -121,7 +121,7 @@ def filter_shards(
             records it in the manifest and goes on.
         progress: show a progress bar over the samples.
         engine: ``local``, or ``ray``: one task per input shard on a Ray cluster, each routing its
-            samples with ncleaner's own reader and shard writer (``ncleaner.distributed``); the
+            samples with ncleaner's own reader and shard writer (``ncleaner.ray_engine``); the
             shards and manifest are byte for byte those of the local engine.
         ray_address: with ``engine="ray"``: None starts a local Ray for the run, ``auto`` joins
             the cluster ``ray start`` made on this machine, ``HOST:PORT`` another one.

@@ -1,7 +1,7 @@
 """DisNCL's loss terms as pure functions (docs/design.md section 2).
 
 Each function names the quantity it estimates or bounds. The training loop in
-``ncleaner.train`` only adds them up with the weights of ``DisNCLConfig``.
+``ncleaner.fitting`` only adds them up with the weights of ``DisNCLConfig``.
 """
 
 from __future__ import annotations

@@ -49,11 +49,11 @@ from pretrain_backbone import PretrainSettings, checkpoint, train_contrastive, z
 from ncleaner.config import DisNCLConfig  # noqa: E402
 from ncleaner.embeddings import embed  # noqa: E402
 from ncleaner.evaluate import detection_by_kind, detection_metrics, noise_kinds_from_file, truth_from_file  # noqa: E402
+from ncleaner.fitting import fit  # noqa: E402
 from ncleaner.noise import TRUTH_FILE, inject_noise  # noqa: E402
-from ncleaner.report import read_report, score  # noqa: E402
+from ncleaner.scoring import read_report, score  # noqa: E402
 from ncleaner.shards import expand_shards, image_member, read_shards, read_text_fields  # noqa: E402
 from ncleaner.synthetic import make_generator, write_synthetic_shards  # noqa: E402
-from ncleaner.train import fit  # noqa: E402
 
 # regime: (the pool's clutter style, whether the backbone's pretraining corpus had clutter)
 REGIMES = {"seen": ("stripes", True), "unseen": ("blobs", False)}

@@ -34,12 +34,12 @@ from ncleaner import losses
 from ncleaner.config import DisNCLConfig
 from ncleaner.embeddings import open_for_model
 from ncleaner.evaluate import encode_shards, kept_set_metrics, retrieval_metrics, truth_from_file
+from ncleaner.fitting import fit
 from ncleaner.mixture import TwoComponentMixture
 from ncleaner.model import NcleanerModel
 from ncleaner.noise import NOISE_MODES, TRUTH_FILE, inject_noise
-from ncleaner.report import read_report, score
+from ncleaner.scoring import read_report, score
 from ncleaner.synthetic import GENERATORS, make_generator, write_synthetic_shards
-from ncleaner.train import fit
 
 NCR = "NCR-style InfoNCE + loss mixture"
 METHODS = {

@@ -87,7 +87,7 @@ def stage_rates(spec: dict) -> dict:
     from ncleaner.embeddings import compute_features
     from ncleaner.encode import Encoder
     from ncleaner.model import NcleanerModel
-    from ncleaner.report import write_shard_report
+    from ncleaner.scoring import write_shard_report
 
     out = {}
     urls = spec["urls"]

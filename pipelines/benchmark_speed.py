@@ -416,7 +416,7 @@ class Bench:
         self.add("5", what, filt.pairs_per_s / copy.pairs_per_s, "x", "report", measured=measured)
 
     def measure_imports(self) -> None:
-        code = "import ncleaner.report, ncleaner.train"
+        code = "import ncleaner.scoring, ncleaner.fitting"
         self.measure("import_score", [sys.executable, "-c", code], 0)
         code = "import sys, ncleaner.filtering; print('torch imported:', 'torch' in sys.modules)"
         run = self.measure("import_filter", [sys.executable, "-c", code], 0)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ncleaner.evaluate import detection_metrics, kept_set_metrics, truth_from_report
 from ncleaner.filtering import MANIFEST
-from ncleaner.report import read_report
+from ncleaner.scoring import read_report
 from ncleaner.shards import read_shards
 
 

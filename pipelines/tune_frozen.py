@@ -30,9 +30,9 @@ from ncleaner.evaluate import (  # noqa: E402
     noise_kinds_from_file,
     truth_from_file,
 )
+from ncleaner.fitting import fit  # noqa: E402
 from ncleaner.noise import TRUTH_FILE  # noqa: E402
-from ncleaner.report import read_report, score  # noqa: E402
-from ncleaner.train import fit  # noqa: E402
+from ncleaner.scoring import read_report, score  # noqa: E402
 
 COLUMNS = ("clip_sim", "mii_sim", "soft_agreement", "score")
 NEAR_MISSES = ("hard", "partial")

@@ -25,7 +25,7 @@ def test_package_api_runs_the_whole_path(small_shards, tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="ncleaner"):
         fitted = ncleaner.fit(str(small_shards), tmp_path / "m", config)
     assert fitted.pairs_read == fitted.pairs_used == 96 and len(fitted.history) == 2
-    assert any(r.name == "ncleaner.train" and r.getMessage().startswith("epoch 2/2") for r in caplog.records)
+    assert any(r.name == "ncleaner.fitting" and r.getMessage().startswith("epoch 2/2") for r in caplog.records)
     assert config.embed_dim == 0  # the caller's config is not changed; the model's copy has the width
     assert json.loads((tmp_path / "m" / "config.json").read_text())["embed_dim"] == 128
     scored = ncleaner.score(str(small_shards), tmp_path / "m", tmp_path / "r")

@@ -13,7 +13,7 @@ import pytest
 from conftest import MESSY_STATUSES, SAMPLE_DATA, run_cli, tar_members
 
 from ncleaner.evaluate import detection_metrics, truth_from_report
-from ncleaner.report import report_schema
+from ncleaner.scoring import report_schema
 from ncleaner.selfcheck import KINDS
 from ncleaner.shards import expand_shards, read_shards
 

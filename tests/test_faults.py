@@ -101,25 +101,25 @@ KILL_POINTS = {
     "during a shard": on_nth_call(*SECOND_SHARD_BATCH),
     # The second shard's Parquet part is in place, its marker is not.
     "between part and marker": """
-        import ncleaner.report
-        real = ncleaner.report.write_json
+        import ncleaner.scoring
+        real = ncleaner.scoring.write_json
         def write_json(path, data):
             if str(path).endswith("_00001.done.json"):
                 die()
             return real(path, data)
-        ncleaner.report.write_json = write_json
+        ncleaner.scoring.write_json = write_json
     """,
     # The second shard's Parquet part is written under its temporary name, not yet renamed.
     "before the rename": """
-        import ncleaner.report
-        real = ncleaner.report.pq.write_table
+        import ncleaner.scoring
+        real = ncleaner.scoring.pq.write_table
         class pq:
             @staticmethod
             def write_table(table, where):
                 real(table, where)
                 if "00001" in str(where):
                     die()
-        ncleaner.report.pq = pq
+        ncleaner.scoring.pq = pq
     """,
 }
 

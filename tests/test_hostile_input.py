@@ -370,12 +370,12 @@ def test_fit_force_keeps_the_old_model_until_the_new_one_is_complete(small_shard
     before = snapshot(model)
     (model / ".model.safetensors.1234-abcd.partial").write_bytes(b"left by an interrupted save")
 
-    import ncleaner.train
+    import ncleaner.fitting
 
     def crash(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(ncleaner.train, "_finalise", crash)
+    monkeypatch.setattr(ncleaner.fitting, "_finalise", crash)
     result = run_cli("fit", small_shards, "--out", model, "--epochs", "1", "--force", "--quiet", ok=False)
     assert result.exit_code == 130 and "interrupted" in result.output and "Traceback" not in result.output
     assert {k: v for k, v in snapshot(model).items() if not k.endswith(".partial")} == before

@@ -13,11 +13,11 @@ import pandas as pd
 import pytest
 from conftest import IMG_CAPTION, SCRIPT_CAPTION, run_cli, tar_members, write_tar
 
-import ncleaner.html_report as html_report
+import ncleaner.inspection as inspection
 from ncleaner.errors import NcleanerError
 from ncleaner.evaluate import kept_set_metrics
 from ncleaner.filtering import filter_shards
-from ncleaner.html_report import inspect_report
+from ncleaner.inspection import inspect_report
 from ncleaner.schema import STATUSES
 
 
@@ -143,13 +143,13 @@ def test_inspect_and_filter_agree_on_every_rule(inspect_pool, tmp_path):
 
 def test_images_are_read_once_per_shard_and_only_for_shown_pairs(inspect_pool, tmp_path, monkeypatch):
     opened = []
-    real = html_report.read_shard
+    real = inspection.read_shard
 
     def counting(url):
         opened.append(url)
         return real(url)
 
-    monkeypatch.setattr(html_report, "read_shard", counting)
+    monkeypatch.setattr(inspection, "read_shard", counting)
     result = inspect_report(inspect_pool["shards"], inspect_pool["report"], tmp_path / "p.html", per_gallery=2)
     assert len(opened) == len(set(opened)) and opened
     assert sum(result.cards.values()) <= 10

@@ -17,7 +17,7 @@ from urllib.parse import quote
 import pytest
 from conftest import IMG_CAPTION, SAMPLE_DATA, SCRIPT_CAPTION, run_cli
 
-from ncleaner.html_report import inspect_report
+from ncleaner.inspection import inspect_report
 
 BROWSERS = ("chromium", "chromium-browser")
 

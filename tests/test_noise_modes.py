@@ -245,7 +245,7 @@ def test_detection_by_kind_refuses_kinds_that_disagree_with_the_flags():
 
 
 def _as_report_part(report: pd.DataFrame) -> pd.DataFrame:
-    """``report`` with the columns every report part has (evaluate reads only what score writes)."""
+    """``scoring`` with the columns every report part has (evaluate reads only what score writes)."""
     full = report.assign(shard="00000.tar", index=np.arange(len(report)), caption="a caption", url=None)
     full = full.assign(model_id="m", clip_sim=report["score"], mii_sim=report["score"], soft_agreement=report["score"])
     return full.astype({c: "float32" for c in ("score", "clean_prob", "clip_sim", "mii_sim", "soft_agreement")})

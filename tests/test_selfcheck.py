@@ -11,12 +11,12 @@ import torch
 from conftest import run_cli
 
 from ncleaner.config import DisNCLConfig
+from ncleaner.fitting import epoch_batches, neighbourhood_batches
 from ncleaner.losses import edit_negative_loss
 from ncleaner.model import CORRECTION_TERMS, TERMS, Calibration, anchored_score
 from ncleaner.noise_text import _replacements, partial_edit
 from ncleaner.selfcheck import KINDS, CheckHalf, auroc, choose, slice_size
 from ncleaner.synthetic import write_synthetic_shards
-from ncleaner.train import epoch_batches, neighbourhood_batches
 
 FIT = ("--epochs", "2", "--warmup-epochs", "1", "--batch-size", "32", "--quiet")
 

@@ -20,9 +20,9 @@ from ncleaner import DisNCLConfig
 from ncleaner.backbone import build_backbone
 from ncleaner.embeddings import embed
 from ncleaner.encode import encode_text
-from ncleaner.report import score
+from ncleaner.fitting import Reservoir, fit
+from ncleaner.scoring import score
 from ncleaner.synthetic import write_synthetic_shards
-from ncleaner.train import Reservoir, fit
 
 FROZEN = ["--epochs", "2", "--warmup-epochs", "1", "--batch-size", "32", "--quiet"]
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from conftest import run_cli
 
-from ncleaner.train import epoch_batches
+from ncleaner.fitting import epoch_batches
 
 
 @pytest.mark.parametrize("batch_size", [2, 32, 128])
@@ -44,7 +44,7 @@ def test_fit_on_fewer_pairs_than_two_batches_with_default_epochs(small_shards, t
 def test_learning_rate_schedule_has_any_length(steps, epochs):
     import torch
 
-    from ncleaner.train import one_cycle
+    from ncleaner.fitting import one_cycle
 
     optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
     schedule = one_cycle(optimizer, [1e-3], steps, epochs)

@@ -1,7 +1,7 @@
 """The Ray engine: any stage's per-shard jobs and tasks on a Ray cluster (docs/design.md section 12).
 
 It runs what ``ncleaner.engine`` hands it and imports no stage: a ``ShardJob`` class on a
-fixed pool of actors, each set up once (``run_on_actors``: ``report.ScoreJob`` loads the model,
+fixed pool of actors, each set up once (``run_on_actors``: ``scoring.ScoreJob`` loads the model,
 ``embeddings.EmbedJob`` builds the backbone, and each writes its shard's part itself), or
 stateless task functions (``run_remote``: ``filter``'s route and stitch steps, in
 ``filtering``).

@@ -94,7 +94,7 @@ def score(
         allow_download: let open_clip download the backbone the model names (see ``NcleanerModel.load``).
         engine: ``local`` (this process and its decoding workers) or ``ray``: one work item per
             shard on a Ray cluster, each scored and written by a worker holding the model
-            (``ncleaner.distributed``). The report is the same either way.
+            (``ncleaner.ray_engine``). The report is the same either way.
         ray_address: with ``engine="ray"``: None starts a local Ray for the run, ``auto`` joins
             the cluster ``ray start`` made on this machine, ``HOST:PORT`` another one.
         ray_actors_per_gpu: with ``engine="ray"`` on GPUs, workers sharing each GPU (each decodes
@@ -208,7 +208,7 @@ def write_shard_report(
 
     This is the unit of work both engines share: the local engine calls it as each shard
     comes out of its pipelined decode and encode stream, a Ray worker on the shard it was
-    given (``ncleaner.distributed``). The part is written before the marker, each under a
+    given (``ncleaner.ray_engine``). The part is written before the marker, each under a
     temporary name first, so a worker killed at any point leaves the shard unfinished and
     the next attempt scores it again.
 

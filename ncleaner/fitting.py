@@ -275,7 +275,7 @@ def fit(
             this process). The model does not depend on it.
         progress: show progress bars (the per-epoch lines go to this module's logger, at INFO).
         engine: ``local``, or ``ray``: the shards ``embeddings`` lacks are encoded on a Ray cluster
-            (``ncleaner.distributed``), then the heads train here from the embeddings, on a sample
+            (``ncleaner.ray_engine``), then the heads train here from the embeddings, on a sample
             of at most ``config.max_fit_pairs`` pairs. Needs ``embeddings`` and a frozen
             pretrained backbone: the embeddings are what the cluster produces.
         ray_address: with ``engine="ray"``: None starts a local Ray for the run, ``auto`` joins
