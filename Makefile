@@ -49,7 +49,7 @@ browser:
 test: $(STAMP) browser
 	$(PY) -m pytest -q
 
-# The README's picture of the inspect page (after make demo).
+# The picture of the inspect page in docs/commands.md (after make demo).
 screenshot: $(STAMP) browser
 	$(PY) pipelines/inspect_screenshot.py $(DEMO)
 

@@ -98,7 +98,7 @@ class DisNCLConfig:
     )
 
     # Training sample: fit trains on a uniform sample of at most this many ok pairs of the pool
-    # (score still covers every pair); it bounds fit's memory (README, "Memory").
+    # (score still covers every pair); it bounds fit's memory (docs/benchmarks.md, "Speed and memory").
     max_fit_pairs: int = setting(
         1_000_000,
         "Train on a uniform sample of at most this many usable pairs (bounds fit's memory; score covers all).",

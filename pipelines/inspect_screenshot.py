@@ -1,9 +1,9 @@
-"""Regenerate the README's picture of ``ncleaner inspect``: the page for sample_data/, in headless Chromium.
+"""Regenerate the picture of ``ncleaner inspect`` in docs/commands.md: the page for sample_data/, in headless Chromium.
 
     make demo                                           # fits and scores sample_data/ into demo_out/
     python pipelines/inspect_screenshot.py demo_out     # or: make screenshot
 
-Writes DEMO_DIR/inspect_sample_data.html with the rule the README shows (the best 80 % by
+Writes DEMO_DIR/inspect_sample_data.html with the rule docs/commands.md shows (the best 80 % by
 ``score``, ground truth from ``ncleaner_noisy``), a screenshot of its top to
 pipelines/results/inspect_sample_data.png, and prints the page's size.
 """
@@ -19,7 +19,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from ncleaner.html_report import inspect_report
+from ncleaner.inspection import inspect_report
 
 REPO = Path(__file__).resolve().parent.parent
 
