@@ -210,6 +210,7 @@ def decode_blocks(
     workers: int = 0,
     max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
     pin_memory: bool = False,
+    threads: int = 2,
 ) -> Iterator[DecodedBlock]:
     """Every shard's blocks, decoded and tokenised; with ``workers`` > 0 in that many processes.
 
@@ -218,11 +219,11 @@ def decode_blocks(
     from each worker in turn), so a caller keeps one accumulator per open shard. Memory
     stays bounded: each worker runs at most two blocks ahead, and is replaced after
     ``SHARDS_PER_WORKER`` shards. ``workers=0`` decodes in
-    this process (two threads), which is what a caller with a single shard wants.
+    this process (``threads`` threads), which is what a caller with a single shard wants.
     """
     urls = list(urls)
     if workers <= 0:
-        yield from _ShardBlocks(urls, preprocess, tokenizer, batch_size, max_pixels, threads=2)
+        yield from _ShardBlocks(urls, preprocess, tokenizer, batch_size, max_pixels, threads=threads)
         return
     # Fresh worker processes every SHARDS_PER_WORKER shards each: a worker's memory grew by about
     # 10 MB a shard it decoded, to ~1.4 GB (measured on 192 shards, with fork and forkserver alike),

@@ -83,7 +83,7 @@ def stage_rates(spec: dict) -> dict:
     import ray
 
     from ncleaner.backbone import build_backbone
-    from ncleaner.decode import _ShardBlocks
+    from ncleaner.decode import decode_blocks
     from ncleaner.embeddings import compute_features
     from ncleaner.encode import Encoder
     from ncleaner.model import NcleanerModel
@@ -93,7 +93,7 @@ def stage_rates(spec: dict) -> dict:
     urls = spec["urls"]
     for backbone, checkpoint in spec["checkpoints"].items():
         model = build_backbone(backbone, checkpoint, torch.device("cpu"))
-        blocks = _ShardBlocks(urls, model.preprocess, model.tokenizer, 32, 10**9, threads=1)
+        blocks = decode_blocks(urls, model.preprocess, model.tokenizer, batch_size=32, max_pixels=10**9, threads=1)
         start, pairs, inputs = time.perf_counter(), 0, []
         for block in blocks:
             pairs += len(block.pairs)
