@@ -216,6 +216,13 @@ def rule_options(*, preview: bool):
                 show_default=True,
                 help="Report column --threshold and --keep-fraction apply to.",
             ),
+            click.option(
+                "--where",
+                default=None,
+                metavar="SQL",
+                help="Also require this SQL predicate over the report's columns, kept json fields included "
+                "(DuckDB; e.g. \"clip_sim >= 0.28 AND punsafe < 0.1\"); rows it rejects are counted as 'where'.",
+            ),
         ]
     )
 
@@ -585,6 +592,7 @@ def filter_cmd(
     keep_fraction,
     auto,
     column,
+    where,
     rejected_out,
     keep_keys,
     reject_keys,
@@ -615,6 +623,7 @@ def filter_cmd(
         keep_fraction=keep_fraction,
         auto=auto,
         column=column,
+        where=where,
         rejected_out=rejected_out,
         keep_keys=keep_keys,
         reject_keys=reject_keys,
@@ -636,7 +645,9 @@ def filter_cmd(
     if dry_run:
         click.echo(_dry_run_table(result))
         click.echo(
-            f"dry run: would keep {result.kept_count} of {result.input_count} pairs by {rule.describe()}; "
+            f"dry run: would keep {result.kept_count} of {result.input_count} pairs by {rule.describe()}"
+            + (f" and --where {result.where}" if result.where else "")
+            + "; "
             f"would reject {result.rejected_count}"
             + (f" ({reasons})" if reasons else "")
             + overridden
@@ -645,8 +656,9 @@ def filter_cmd(
         )
         return
     click.echo(
-        f"kept {result.kept_count} of {result.input_count} pairs ({rule.column} >= {rule.threshold:.4g}) "
-        f"in {len(result.kept_shards)} shard(s) under {result.out_dir}; rejected {result.rejected_count}"
+        f"kept {result.kept_count} of {result.input_count} pairs ({rule.column} >= {rule.threshold:.4g}"
+        + (f" and {result.where}) " if result.where else ") ")
+        + f"in {len(result.kept_shards)} shard(s) under {result.out_dir}; rejected {result.rejected_count}"
         + (f" ({reasons})" if reasons else "")
         + overridden
         + _shard_notes(result.unreadable_shards, result.truncated_shards)
@@ -700,7 +712,7 @@ def _dry_run_table(result) -> str:
 @bad_shard_option
 @verbosity
 @user_errors
-def inspect_cmd(shards, report_dir, out, threshold, keep_fraction, auto, column, progress, **options):
+def inspect_cmd(shards, report_dir, out, threshold, keep_fraction, auto, column, where, progress, **options):
     """Write one self-contained HTML page showing what a rule keeps and rejects, to look before you cut.
 
     \b
@@ -715,13 +727,23 @@ def inspect_cmd(shards, report_dir, out, threshold, keep_fraction, auto, column,
     if (threshold is not None) + (keep_fraction is not None) + auto > 1:
         raise click.UsageError("give at most one of --threshold, --keep-fraction or --auto")
     result = inspect_report(
-        shards, report_dir, out, threshold=threshold, keep_fraction=keep_fraction, auto=auto, column=column, **options
+        shards,
+        report_dir,
+        out,
+        threshold=threshold,
+        keep_fraction=keep_fraction,
+        auto=auto,
+        column=column,
+        where=where,
+        **options,
     )
     rule = result.rule
     truth = result.truth
     click.echo(
         f"wrote {result.out} ({result.size_bytes / 1024:.0f} KiB, {sum(result.cards.values())} cards, "
-        f"{result.thumbnails} images): {result.pool} pairs, {rule.describe()} keeps {result.kept}, "
+        f"{result.thumbnails} images): {result.pool} pairs, {rule.describe()}"
+        + (f" and --where {where}" if where else "")
+        + f" keeps {result.kept}, "
         f"rejects {result.rejected}"
         + (
             f"; kept set {100 * truth['kept_precision']:.1f}% clean, "

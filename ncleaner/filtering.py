@@ -77,6 +77,7 @@ class FilterResult:
     overrides: dict = field(default_factory=dict)
     # Per input shard: {"input": n, "kept": n, "kept_by_override": n, "rejected_by_reason": {...}}.
     per_shard: dict[str, dict] = field(default_factory=dict)
+    where: str | None = None  # the --where predicate ANDed with the rule
     dry_run: bool = False
 
 
@@ -89,6 +90,7 @@ def filter_shards(
     keep_fraction: float | None = None,
     auto: bool = False,
     column: str = "score",
+    where: str | None = None,
     rejected_out: str | Path | None = None,
     keep_keys: str | Path | None = None,
     reject_keys: str | Path | None = None,
@@ -108,6 +110,9 @@ def filter_shards(
         out_dir: directory for the kept samples' shards and ``manifest.json``.
         threshold, keep_fraction, auto: the rule; give exactly one (see ``make_rule``).
         column: the score column ``threshold`` and ``keep_fraction`` apply to.
+        where: a SQL predicate over the report's columns (kept json fields included) that a kept
+            row must also meet (``rules.where_mask``); rows the rule keeps and it does not are
+            rejected with the reason ``where``.
         rejected_out: also write the rejected samples here, as shards with their own manifest.
         keep_keys: a file of keys (``KEY`` or ``SHARD<TAB>KEY`` a line) to keep whatever the rule
             says; a sample with a non-ok status stays rejected (see ``resolve_overrides``).
@@ -140,7 +145,9 @@ def filter_shards(
     rule = make_rule(list(reports.values()), threshold=threshold, keep_fraction=keep_fraction, auto=auto, column=column)
     plan = resolve_overrides(reports, keep_keys=keep_keys, reject_keys=reject_keys)
     outcomes = {
-        url: route(report, rule, keep_rows=plan.keep.get(url, set()), reject_rows=plan.reject.get(url, set()))
+        url: route(
+            report, rule, keep_rows=plan.keep.get(url, set()), reject_rows=plan.reject.get(url, set()), where=where
+        )
         for url, report in reports.items()
     }
 
@@ -152,7 +159,7 @@ def filter_shards(
             if d is not None:
                 replaceable_entries(Path(d), force=force, owned=owned)
         per_shard = {url: _shard_counts(outcomes[url]) for url in urls if url not in skipped}
-        return _result(Path(out_dir), rule, per_shard, plan, unreadable_shards=skipped, dry_run=True)
+        return _result(Path(out_dir), rule, per_shard, plan, unreadable_shards=skipped, where=where, dry_run=True)
 
     per_shard: dict[str, dict] = {}
     truncated: list[str] = []
@@ -190,6 +197,7 @@ def filter_shards(
             per_shard,
             plan,
             unreadable_shards=skipped,
+            where=where,
             truncated_shards=truncated,
             kept_shards=[str(Path(out_dir) / p.name) for p in kept_paths],
             rejected_shards=[str(Path(rejected_out) / p.name) for p in rejected_paths],
@@ -387,6 +395,7 @@ def _manifest(result: FilterResult, urls, report_dir: Path, reports, rejected_ou
         "unreadable_shards": result.unreadable_shards,
         "truncated_shards": result.truncated_shards,
         "rule": asdict(result.rule),
+        "where": result.where,
         "kept_by_override": result.kept_by_override,
         "rejected_by_override": result.rejected_by_override,
         "overrides": result.overrides,

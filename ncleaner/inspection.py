@@ -91,6 +91,7 @@ def inspect_report(
     keep_fraction: float | None = None,
     auto: bool = False,
     column: str = "score",
+    where: str | None = None,
     per_gallery: int = DEFAULT_PER_GALLERY,
     truth_field: str | None = None,
     truth_file: str | Path | None = None,
@@ -108,6 +109,8 @@ def inspect_report(
         threshold, keep_fraction, auto: the rule, as for ``filter_shards``; with none given the
             model's own split (``auto``) is shown.
         column: the score column ``threshold`` and ``keep_fraction`` apply to.
+        where: a SQL predicate over the report's columns a kept row must also meet, as for
+            ``filter_shards``.
         per_gallery: cards per gallery (1 to 500); five galleries bound the page's size.
         truth_field: a report column (kept with ``score --keep-json-fields``) true for noisy
             pairs: cards are marked and the header gives the rule's precision and noise removed.
@@ -133,7 +136,7 @@ def inspect_report(
     if threshold is None and keep_fraction is None and not auto:
         auto = True
     rule = make_rule(list(reports.values()), threshold=threshold, keep_fraction=keep_fraction, auto=auto, column=column)
-    pool = _pool(reports, rule)
+    pool = _pool(reports, rule, where)
     if pool.empty:
         raise NcleanerError(f"{report_dir}: the report holds no rows for these shards")
     noisy = _truth(pool, truth_field, truth_file)
@@ -158,15 +161,16 @@ def inspect_report(
     ok_noisy = noisy[(pool["status"] == schema.OK).to_numpy()][finite] if noisy is not None else None
     charts = _charts(ok_values[finite], rule.threshold, ok_noisy, int(noisy.sum()) if noisy is not None else 0)
     key_counts = pool["key"].value_counts()
+    shown_rule = rule.describe() + (f" and --where {where}" if where else "")
     context = {
         "generator": GENERATOR,
-        "title": f"ncleaner inspect: {rule.describe()}",
+        "title": f"ncleaner inspect: {shown_rule}",
         "pool": len(pool),
         "shards": len(reports),
         "skipped": skipped,
         "statuses": _status_rows(pool),
         "model": model,
-        "rule": rule.describe(),
+        "rule": shown_rule,
         "rule_column": rule.column,
         "kept": int(kept.sum()),
         "rejected": int((~kept).sum()),
@@ -226,13 +230,13 @@ def _check_out(out: Path) -> None:
         raise NcleanerError(f"{out}: exists and was not written by ncleaner inspect; refusing to replace it")
 
 
-def _pool(reports: dict[str, pd.DataFrame], rule: Rule) -> pd.DataFrame:
+def _pool(reports: dict[str, pd.DataFrame], rule: Rule, where: str | None) -> pd.DataFrame:
     """Every report row in shard order, with its shard URL and what ``route`` (filter's router) makes of it."""
     parts = []
     for url, report in reports.items():
         part = report.copy()
         part["_ncl_shard"] = url
-        part["_ncl_outcome"] = route(report, rule)
+        part["_ncl_outcome"] = route(report, rule, where=where)
         parts.append(part)
     if not parts:
         return pd.DataFrame(columns=["key", "status", "_ncl_outcome", rule.column])

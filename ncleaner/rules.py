@@ -29,10 +29,12 @@ logger = logging.getLogger(__name__)
 
 
 # What ``route`` makes of a row: kept by the rule, kept because --keep-keys names it, or the
-# reason it is rejected: ``below_threshold``, ``override`` (named by --reject-keys), or its status.
+# reason it is rejected: ``below_threshold``, ``where`` (kept by the rule, not by --where), ``override``
+# (named by --reject-keys), or its status.
 KEPT = "kept"
 KEPT_BY_OVERRIDE = "kept_by_override"
 BELOW_THRESHOLD = "below_threshold"
+WHERE = "where"
 OVERRIDE = "override"
 
 
@@ -231,23 +233,65 @@ def route(
     *,
     keep_rows: set[int] | frozenset = frozenset(),
     reject_rows: set[int] | frozenset = frozenset(),
+    where: str | None = None,
 ) -> list[str]:
     """What becomes of each row of one shard's report: ``KEPT``, ``KEPT_BY_OVERRIDE``, or the
-    reason it is rejected (``BELOW_THRESHOLD``, ``OVERRIDE``, or its non-ok status).
+    reason it is rejected (``BELOW_THRESHOLD``, ``WHERE``, ``OVERRIDE``, or its non-ok status).
 
-    An override counts only where it changes the rule's decision: a listed sample the rule
-    already keeps (or rejects) keeps its plain outcome.
+    ``where`` (``filter --where``) is a SQL predicate over the report's columns, ANDed with the
+    rule: a row the rule keeps but the predicate does not is rejected as ``WHERE``. An override
+    counts only where it changes that decision: a listed sample already kept (or rejected) keeps
+    its plain outcome.
     """
     outcomes = []
     values = report[rule.column].tolist()
+    holds = where_mask(report, where) if where is not None else None
     for i, status in enumerate(report["status"].tolist()):
         if status != schema.OK:
             outcomes.append(status)  # no usable pair: no list can keep it
-        elif rule.keep(status, values[i]):
+            continue
+        by_rule = rule.keep(status, values[i])
+        if by_rule and (holds is None or holds[i]):
             outcomes.append(OVERRIDE if i in reject_rows else KEPT)
         else:
-            outcomes.append(KEPT_BY_OVERRIDE if i in keep_rows else BELOW_THRESHOLD)
+            outcomes.append(KEPT_BY_OVERRIDE if i in keep_rows else BELOW_THRESHOLD if not by_rule else WHERE)
     return outcomes
+
+
+def where_mask(report: pd.DataFrame, where: str) -> np.ndarray:
+    """Per row of ``report``, whether the SQL predicate ``where`` holds (NULL counts as not).
+
+    DuckDB evaluates it, with its access to files and the network turned off and the setting
+    locked, as one expression over the report's columns: a second statement, ``read_csv(...)``
+    or ``COPY ... TO`` is refused, since a predicate often comes from a config file or a
+    pipeline. A predicate that does not parse, or names a column the report lacks, is one line.
+    """
+    import duckdb
+
+    query = f"SELECT coalesce(CAST(({where}) AS BOOLEAN), false) FROM report ORDER BY {_ROW}"
+    try:
+        statements = duckdb.extract_statements(query)
+    except duckdb.Error as exc:
+        raise NcleanerError(f"--where {where!r}: {_sql_error(exc)}") from None
+    if len(statements) != 1 or statements[0].type != duckdb.StatementType.SELECT:
+        raise NcleanerError(f"--where {where!r}: must be one expression over the report's columns")
+    con = duckdb.connect(config={"enable_external_access": False, "lock_configuration": True})
+    try:
+        con.register("report", report.assign(**{_ROW: np.arange(len(report))}))
+        return con.execute(query).fetchnumpy()[con.description[0][0]].astype(bool)
+    except duckdb.Error as exc:
+        raise NcleanerError(f"--where {where!r}: {_sql_error(exc)}") from None
+    finally:
+        con.close()
+
+
+# The row number where_mask orders by: DuckDB's scan order is not a promise.
+_ROW = "__ncleaner_row"
+
+
+def _sql_error(exc: Exception) -> str:
+    """DuckDB's message, first line, without the query it quotes back."""
+    return first_line(exc).replace(f" {_ROW}", "")
 
 
 def is_kept(outcome: str) -> bool:

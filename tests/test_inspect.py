@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 from html.parser import HTMLParser
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -397,3 +398,48 @@ def test_page_shortens_huge_captions_escapes_control_characters_and_checks_out_f
     refused = run_cli("inspect", data, "--report", tmp_path / "r", "--out", "/proc/ncleaner-page.html", ok=False)
     assert refused.exit_code == 1 and len(refused.output.strip().splitlines()) == 1
     assert "--out /proc/ncleaner-page.html: cannot write in /proc" in refused.output
+
+
+def test_where_ands_a_sql_predicate_with_the_rule_in_filter_dry_run_and_inspect(inspect_pool, tmp_path):
+    report = pd.read_parquet(inspect_pool["report"])
+    cut = float(f"{report['score'].quantile(0.3):.3f}")
+    where = f"clip_sim <= {report['clip_sim'].quantile(0.9):.3f} AND ncleaner_noisy = 'false'"
+    by_rule = (report["status"] == "ok") & (report["score"] >= cut)
+    both = by_rule & (report["clip_sim"] <= report["clip_sim"].quantile(0.9).round(3))
+    both &= report["ncleaner_noisy"] == "false"
+    assert 0 < both.sum() < by_rule.sum()  # the predicate changes what the rule alone keeps
+    args = ("filter", *inspect_pool["shards"], "--report", inspect_pool["report"], "--threshold", str(cut))
+    run_cli(*args, "--where", where, "--out", tmp_path / "clean", "-q")
+    manifest = json.loads((tmp_path / "clean" / "manifest.json").read_text())
+    assert manifest["kept_count"] == both.sum() and manifest["where"] == where
+    assert manifest["rejected_by_reason"]["where"] == (by_rule & ~both).sum()
+    kept_keys = {name.split(".")[0] for shard in (tmp_path / "clean").glob("*.tar") for name in tar_members(shard)}
+    assert kept_keys == set(report.loc[both, "key"])
+    dry = run_cli(*args, "--where", where, "--out", tmp_path / "dry", "--dry-run")
+    rule = f"score >= {cut:.4g} (--threshold) and --where {where}"
+    assert f"would keep {both.sum()} of {len(report)} pairs by {rule}" in dry.output
+    page = run_cli("inspect", *inspect_pool["shards"], "--report", inspect_pool["report"], "--out",
+                   tmp_path / "p.html", "--threshold", str(cut), "--where", where)  # fmt: skip
+    assert f"keeps {both.sum()}, rejects {len(report) - both.sum()}" in page.output
+
+
+@pytest.mark.parametrize(
+    ("where", "problem"),
+    [
+        ("no_such_column > 1", 'Referenced column "no_such_column" not found'),
+        ("score > AND", "Parser Error"),
+        ("score > 0; COPY report TO 'leak.csv'", "Parser Error"),
+        # Closes the expression the predicate is wrapped in, to smuggle in a second statement.
+        (
+            "true) AS BOOLEAN), false) FROM report; COPY report TO 'leak.csv'; SELECT coalesce(CAST((true",
+            "must be one expression over the report's columns",
+        ),
+        ("(SELECT count(*) FROM read_csv('/etc/passwd')) > 0", "disabled"),
+    ],
+)
+def test_a_where_that_is_not_one_safe_expression_over_the_report_is_one_line(inspect_pool, tmp_path, where, problem):
+    result = run_cli("filter", *inspect_pool["shards"], "--report", inspect_pool["report"], "--out",
+                     tmp_path / "clean", "--auto", "--where", where, ok=False)  # fmt: skip
+    assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1, result.output
+    assert f"--where {where!r}: " in result.output and problem in result.output, result.output
+    assert not (tmp_path / "clean").exists() and not Path("leak.csv").exists()
