@@ -556,6 +556,18 @@ def embed(shards, backbone, pretrained, out_dir, batch_size, precision, device, 
     help="Also write the rejected pairs here, as shards.",
 )
 @click.option(
+    "--subset-out",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Also write the kept pairs' uids as a DataComp subset file (.npy of u8,u8, sorted).",
+)
+@click.option(
+    "--rejected-subset-out",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Likewise for the rejected pairs.",
+)
+@click.option(
     "--keep-keys",
     type=click.Path(dir_okay=False),
     default=None,
@@ -594,6 +606,8 @@ def filter_cmd(
     column,
     where,
     rejected_out,
+    subset_out,
+    rejected_subset_out,
     keep_keys,
     reject_keys,
     dry_run,
@@ -625,6 +639,8 @@ def filter_cmd(
         column=column,
         where=where,
         rejected_out=rejected_out,
+        subset_out=subset_out,
+        rejected_subset_out=rejected_subset_out,
         keep_keys=keep_keys,
         reject_keys=reject_keys,
         dry_run=dry_run,

@@ -52,7 +52,7 @@ from .encode import Encoder
 from .engine import ShardJob, check_engine, run_shard_jobs, worker_device
 from .errors import NcleanerError, UnreadableShard, first_line, settle_unreadable
 from .shards import expand_shards, image_member, read_shard, read_text_fields, sha1_of, shard_names
-from .writer import atomic_write, output_error, remove_stale_partials, write_json
+from .writer import atomic_write, output_error, remove_stale_partials, write_json, write_npy
 
 logger = logging.getLogger(__name__)
 
@@ -235,7 +235,7 @@ class EmbeddingStore:
         ok = features.ok
         arrays = [np.ascontiguousarray(v, dtype=np.float16) for v in (features.f_v, features.f_t)]
         for side, array in zip(("img", "txt"), arrays, strict=True):
-            atomic_write(paths[side], lambda tmp, a=array: _save_npy(tmp, a))
+            write_npy(paths[side], array)
         picked = np.flatnonzero(ok)
         made = {
             "shard": features.url,
@@ -549,11 +549,6 @@ def _canonical(x: np.ndarray) -> np.ndarray:
     """What ``encode.Encoder`` gives for fresh features: L2-normalised, rounded to float16."""
     norm = np.linalg.norm(x, axis=1, keepdims=True)
     return (x / np.maximum(norm, 1e-12)).astype(np.float16).astype(np.float32)
-
-
-def _save_npy(tmp: str, array: np.ndarray) -> None:
-    with open(tmp, "wb") as f:
-        np.save(f, array)
 
 
 def _load_npy(path: Path, dim: int) -> np.ndarray:

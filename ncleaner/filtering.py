@@ -20,6 +20,7 @@ from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
@@ -51,6 +52,7 @@ from .writer import (
     replaceable_entries,
     shard_layout,
     write_json,
+    write_npy,
     write_shard_from_pieces,
 )
 
@@ -92,6 +94,8 @@ def filter_shards(
     column: str = "score",
     where: str | None = None,
     rejected_out: str | Path | None = None,
+    subset_out: str | Path | None = None,
+    rejected_subset_out: str | Path | None = None,
     keep_keys: str | Path | None = None,
     reject_keys: str | Path | None = None,
     dry_run: bool = False,
@@ -114,6 +118,8 @@ def filter_shards(
             row must also meet (``rules.where_mask``); rows the rule keeps and it does not are
             rejected with the reason ``where``.
         rejected_out: also write the rejected samples here, as shards with their own manifest.
+        subset_out, rejected_subset_out: also write the kept (rejected) samples' uids as a DataComp
+            subset file (``subset_array``); every such sample must have a uid.
         keep_keys: a file of keys (``KEY`` or ``SHARD<TAB>KEY`` a line) to keep whatever the rule
             says; a sample with a non-ok status stays rejected (see ``resolve_overrides``).
         reject_keys: likewise, keys to reject whatever the rule says.
@@ -150,6 +156,12 @@ def filter_shards(
         )
         for url, report in reports.items()
     }
+
+    subsets = {kept: Path(path) for kept, path in ((True, subset_out), (False, rejected_subset_out)) if path}
+    for kept, path in subsets.items():
+        if path.exists() and not force:
+            raise NcleanerError(f"{path}: exists; pass --force to replace it")
+        subset_array(reports, outcomes, kept=kept)  # refused here, before any shard is written
 
     def owned(d: Path) -> set[str] | None:
         return recorded_files(d, "filter")
@@ -211,7 +223,45 @@ def filter_shards(
         # The kept directory goes last: its manifest is what says the whole run finished.
         write_json(kept_stage.path / MANIFEST, {**manifest, "role": "kept", "files": _names(kept_paths)})
         kept_stage.commit()
+    routed = {url: reports[url] for url in per_shard}  # an unreadable shard wrote no sample
+    for kept, path in subsets.items():
+        array = subset_array(routed, outcomes, kept=kept)
+        write_npy(path, array)
     return result
+
+
+def subset_array(reports: dict[str, pd.DataFrame], outcomes: dict[str, list[str]], *, kept: bool) -> np.ndarray:
+    """The kept (or rejected) samples as DataComp's subset file holds them: each uid (128-bit hex)
+    as ``divmod(int(uid, 16), 2**64)`` in a structured array of dtype ``u8,u8``, sorted.
+
+    Every such sample needs a uid (the ``uid`` report column, from its json): one line gives the
+    count of those without, or the first uid that is not 128-bit hex.
+    """
+    uids, missing = [], 0
+    for url, report in reports.items():
+        column = report["uid"].tolist() if "uid" in report.columns else [None] * len(report)
+        for uid, outcome in zip(column, outcomes[url], strict=True):
+            if is_kept(outcome) != kept:
+                continue
+            if not isinstance(uid, str):
+                missing += 1
+                continue
+            try:
+                value = int(uid, 16)
+            except ValueError:
+                value = -1
+            if not 0 <= value < 1 << 128:
+                raise NcleanerError(f"{url}: uid {uid!r} is not a 128-bit hexadecimal id, as DataComp's are")
+            uids.append(divmod(value, 1 << 64))
+    if missing:
+        side = "kept" if kept else "rejected"
+        raise NcleanerError(
+            f"--{'' if kept else 'rejected-'}subset-out: {missing} {side} sample(s) have no uid in their json "
+            "(a subset file names samples by uid)"
+        )
+    array = np.array(uids, dtype=np.dtype("u8,u8"))
+    array.sort()
+    return array
 
 
 def _shard_counts(outcomes: list[str]) -> dict:

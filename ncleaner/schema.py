@@ -80,6 +80,7 @@ BASE_FIELDS = [
     pa.field("status", pa.string()),
     *[pa.field(c, pa.float32()) for c in SCORE_COLUMNS],
     pa.field("model_id", pa.string()),
+    pa.field("uid", pa.string()),  # the json's uid (DataComp's 128-bit hex id), null when it has none
 ]
 
 
@@ -91,8 +92,9 @@ def report_schema(keep_json_fields: Sequence[str] = ()) -> pa.Schema:
     return pa.schema(BASE_FIELDS + [pa.field(f, pa.string()) for f in keep_json_fields])
 
 
-# Columns a report part may lack: written by an older ncleaner (filter then checks key and caption only).
-OPTIONAL_COLUMNS = ("image_sha1",)
+# Columns a report part may lack, written by an older ncleaner: filter then checks key and caption
+# only, and has no uid for --subset-out.
+OPTIONAL_COLUMNS = ("image_sha1", "uid")
 # Cosines may pass +-1 by float32 rounding; clean_prob is a posterior.
 _RANGES = {"clip_sim": (-1.001, 1.001), "mii_sim": (-1.001, 1.001), "clean_prob": (0.0, 1.0)}
 _KINDS = {

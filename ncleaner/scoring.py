@@ -309,6 +309,7 @@ def _report_table(
         "status": features.statuses,
         **{c: pa.array(v, mask=~ok) for c, v in scores.items()},
         "model_id": [model.model_id] * n,
+        "uid": [m.get("uid") if isinstance(m.get("uid"), str) else None for m in features.metas],
     }
     for f in keep_json_fields:
         values = (m.get(f) for m in features.metas)

@@ -66,6 +66,18 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
         raise
 
 
+def write_npy(path: str | Path, array) -> None:
+    """Write ``array`` as ``.npy``, atomically (through a file object: ``np.save`` would add
+    ``.npy`` to a temporary name)."""
+    import numpy as np
+
+    def save(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            np.save(f, array)
+
+    atomic_write(path, save)
+
+
 def remove_stale_partials(directory: str | Path, *, of: str | None = None) -> None:
     """Remove temporary files that killed runs left in ``directory`` (their process is gone); with
     ``of``, only those of that one file (a directory of the user's, where ``inspect`` writes).

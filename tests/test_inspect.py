@@ -443,3 +443,39 @@ def test_a_where_that_is_not_one_safe_expression_over_the_report_is_one_line(ins
     assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1, result.output
     assert f"--where {where!r}: " in result.output and problem in result.output, result.output
     assert not (tmp_path / "clean").exists() and not Path("leak.csv").exists()
+
+
+def test_subset_files_hold_the_kept_and_rejected_uids_as_datacomp_writes_them(small_shards, small_model, tmp_path):
+    data = tmp_path / "data"
+    rng = np.random.default_rng(0)
+    members = tar_members(small_shards / "00000.tar")
+    uids = {}
+    for name in sorted(members):
+        if name.endswith(".json"):
+            uids[name[:-5]] = f"{int(rng.integers(0, 2**63)):016x}{int(rng.integers(0, 2**63)):016x}"
+            members[name] = json.dumps({**json.loads(members[name]), "uid": uids[name[:-5]]}).encode()
+    write_tar(data / "00000.tar", sorted(members.items()))
+    run_cli("score", data, "--model", small_model, "--out", tmp_path / "r", "-q")
+    assert set(pd.read_parquet(tmp_path / "r")["uid"]) == set(uids.values())
+    run_cli("filter", data, "--report", tmp_path / "r", "--out", tmp_path / "clean", "--auto", "--subset-out",
+            tmp_path / "kept.npy", "--rejected-subset-out", tmp_path / "rejected.npy", "-q")  # fmt: skip
+    kept_keys = {name.split(".")[0] for name in tar_members(tmp_path / "clean" / "00000.tar")}
+
+    def expected(keys):
+        array = np.array([divmod(int(uids[k], 16), 2**64) for k in keys], np.dtype("u8,u8"))
+        array.sort()
+        return array
+
+    for path, keys in (("kept.npy", kept_keys), ("rejected.npy", set(uids) - kept_keys)):
+        saved = np.load(tmp_path / path)
+        assert saved.dtype == np.dtype("u8,u8") and np.array_equal(saved, expected(keys)), path
+
+    # A kept sample without a uid cannot be named in a subset file: one line, nothing written.
+    members[f"{min(kept_keys)}.json"] = b'{"url": null}'
+    write_tar(data / "00000.tar", sorted(members.items()))
+    run_cli("score", data, "--model", small_model, "--out", tmp_path / "r2", "-q")
+    result = run_cli("filter", data, "--report", tmp_path / "r2", "--out", tmp_path / "c2", "--auto",
+                     "--subset-out", tmp_path / "k2.npy", ok=False)  # fmt: skip
+    assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1, result.output
+    assert "--subset-out: 1 kept sample(s) have no uid in their json" in result.output
+    assert not (tmp_path / "c2").exists() and not (tmp_path / "k2.npy").exists()
