@@ -205,7 +205,7 @@ class DisNCLConfig:
                 raise ValueError(f"{name}: not a DisNCLConfig field (one of {', '.join(sorted(known))})")
             if name in DERIVED_FIELDS:
                 raise ValueError(f"{name}: derived, not set (from the backbone, its checkpoint or the package version)")
-            values[name] = _typed(name, value, known[name].type)
+            values[name] = typed_json(name, value, known[name].type)
         return dataclasses.replace(self, **values)
 
     @classmethod
@@ -219,7 +219,7 @@ class DisNCLConfig:
         values = {}
         for f in dataclasses.fields(cls):
             if f.name in data:
-                values[f.name] = _typed(f.name, data[f.name], f.type)
+                values[f.name] = typed_json(f.name, data[f.name], f.type)
         return cls(**values)
 
 
@@ -233,8 +233,9 @@ def _field_assignment(item: str) -> tuple[str, object]:
         return name, text
 
 
-def _typed(name: str, value: object, annotation: str) -> object:
-    """``value`` if JSON gave the field its declared type (ints widened to float), else ValueError."""
+def typed_json(name: str, value: object, annotation: str) -> object:
+    """``value`` if JSON gave the field its declared type (ints widened to float), else ValueError:
+    the one type check of every JSON file ncleaner reads (``config.json``, ``embeddings.json``)."""
     accepted, described = JSON_TYPES[annotation]
     if not isinstance(value, accepted) or (isinstance(value, bool) and bool not in accepted):
         raise ValueError(f"field {name} must be {described}, got {value!r}")

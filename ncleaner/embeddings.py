@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 
 from . import __version__, schema
 from .backbone import build_backbone, checkpoint_sha256, download_reason, resolve_device
-from .config import DEFAULT_MAX_IMAGE_PIXELS
+from .config import DEFAULT_MAX_IMAGE_PIXELS, typed_json
 from .decode import by_shard, decode_blocks, default_workers
 from .encode import Encoder
 from .engine import ShardJob, check_engine, run_shard_jobs, worker_device
@@ -133,15 +133,17 @@ class StalePart(NcleanerError):
 
 @dataclass
 class _Part:
-    """A stored part: per key, (status, row in the arrays or -1, caption, sha1); which rows are
-    finite; and what the part recorded about how it was made (``write``'s metadata)."""
+    """A stored part: per key, (status, row in the arrays or -1, caption, sha1); what the part
+    recorded about how it was made (``write``'s metadata); and, for another tool's part, which
+    rows are finite (ncleaner's own rows are covered by their recorded digest, and the encoder
+    never writes a non-finite one)."""
 
     rows: dict[str, tuple[str, int, str | None, str | None]]
     img: np.ndarray
     txt: np.ndarray
-    finite: np.ndarray
     info: dict = field(default_factory=dict)
     problem: str | None = None  # why the part cannot be used whatever the shard holds
+    finite: np.ndarray | None = None
 
 
 class EmbeddingStore:
@@ -305,20 +307,16 @@ class EmbeddingStore:
         if changed:
             return f"{changed} sample(s) changed since they were embedded (caption or image differs)"
         if self.foreign:
-            finite = [self._foreign_parts[p].finite[r] for p, r in rows]
-        else:
-            finite = part.finite[[r for _, r in rows]] if rows else []
-            recorded_damage = part.info.get("damage")
-            if recorded_damage and not damage:
-                return f"it was embedded from a damaged copy ({recorded_damage}) and reads complete now"
-            recorded = part.info.get("max_image_pixels")
-            # Fewer pixels allowed may turn stored ok rows too_large; more only frees stored too_large ones.
-            if recorded is not None and recorded != max_pixels:
-                if max_pixels < recorded or any(s == schema.TOO_LARGE for s, *_ in part.rows.values()):
-                    return f"its statuses were decided under --max-image-pixels {recorded}, this run uses {max_pixels}"
-        bad = int(np.size(finite) - np.count_nonzero(finite))
-        if bad:
-            return f"{bad} stored feature row(s) are not finite"
+            bad = sum(not self._foreign_parts[p].finite[r] for p, r in rows)
+            return f"{bad} stored feature row(s) are not finite" if bad else None
+        recorded_damage = part.info.get("damage")
+        if recorded_damage and not damage:
+            return f"it was embedded from a damaged copy ({recorded_damage}) and reads complete now"
+        recorded = part.info.get("max_image_pixels")
+        # Fewer pixels allowed may turn stored ok rows too_large; more only frees stored too_large ones.
+        if recorded is not None and recorded != max_pixels:
+            if max_pixels < recorded or any(s == schema.TOO_LARGE for s, *_ in part.rows.values()):
+                return f"its statuses were decided under --max-image-pixels {recorded}, this run uses {max_pixels}"
         return None
 
     def stale(self, name: str, url: str, *, max_pixels: int) -> str | None:
@@ -341,10 +339,10 @@ class EmbeddingStore:
         store has no part for that answers for it: what ``embed`` (and ``fit`` on Ray) encodes."""
         todo = []
         for url, name in zip(urls, names, strict=True):
-            stale = self.stale(name, url, max_pixels=max_pixels) if self.has(name) else None
-            if stale:
+            if not self.has(name):
+                todo.append((url, name, None))
+            elif stale := self.stale(name, url, max_pixels=max_pixels):
                 logger.warning("%s; embedding it again", stale)
-            if stale or not self.has(name):
                 todo.append((url, name, stale))
         return todo
 
@@ -394,7 +392,7 @@ class EmbeddingStore:
             skipped = _read_parquet(paths["skipped"]) if paths["skipped"].is_file() else None
             img, txt = (_load_npy(paths[side], self.identity["dim"]) for side in ("img", "txt"))
         except NcleanerError as exc:
-            return _Part({}, np.zeros((0, 0)), np.zeros((0, 0)), np.zeros(0, bool), problem=str(exc))
+            return _Part({}, np.zeros((0, 0)), np.zeros((0, 0)), problem=str(exc))
         keys, captions, sha1s = (meta.column(c).to_pylist() for c in ("image_path", "caption", "image_sha1"))
         problem = None
         if not len(img) == len(txt) == meta.num_rows:
@@ -415,7 +413,7 @@ class EmbeddingStore:
                 strict=True,
             ):
                 rows.setdefault(key, (status, -1, caption, sha1))
-        return _Part(rows, img, txt, _finite_rows(img, txt), info, problem)
+        return _Part(rows, img, txt, info, problem)
 
     def _index_foreign(self) -> None:
         """Index every part of a clip-retrieval directory by key (once; keys are unique in a pool)."""
@@ -439,7 +437,7 @@ class EmbeddingStore:
                 # Without a stored caption nothing can be checked: the key alone joins.
                 rows[key] = (schema.OK, i, caption, None)
                 self._foreign_index[key] = (p, i)
-            self._foreign_parts.append(_Part(rows, img, txt, _finite_rows(img, txt)))
+            self._foreign_parts.append(_Part(rows, img, txt, finite=_finite_rows(img, txt)))
 
 
 def open_for_model(root: str | Path, config, *, create: bool, assume_backbone: str | None = None) -> EmbeddingStore:
@@ -457,12 +455,13 @@ def open_for_model(root: str | Path, config, *, create: bool, assume_backbone: s
     return EmbeddingStore.open(root, identity, create=create, assume_backbone=assume_backbone)
 
 
-# The fields of embeddings.json that identify the features, with the JSON types they must have.
+# The fields of embeddings.json that identify the features, with their JSON types (as config.json's
+# annotations) and whether a file must have them.
 _INFO_TYPES = {
-    "backbone": ((str,), "a string", True),
-    "dim": ((int,), "an integer", True),
-    "pretrained": ((str, type(None)), "a string or null", False),
-    "pretrained_sha256": ((str, type(None)), "a string or null", False),
+    "backbone": ("str", True),
+    "dim": ("int", True),
+    "pretrained": ("str | None", False),
+    "pretrained_sha256": ("str | None", False),
 }
 
 
@@ -471,14 +470,15 @@ def _check_info_types(path: Path, info: object) -> None:
     (``"dim": "128"`` is not the integer 128), before any comparison can misread them."""
     if not isinstance(info, dict):
         raise NcleanerError(f"{path}: must be a JSON object")
-    for key, (types, described, required) in _INFO_TYPES.items():
+    for key, (annotation, required) in _INFO_TYPES.items():
         if key not in info:
             if required:
                 raise NcleanerError(f"{path}: no field {key}")
             continue
-        value = info[key]
-        if not isinstance(value, types) or isinstance(value, bool):
-            raise NcleanerError(f"{path}: field {key} must be {described}, got {json.dumps(value)}")
+        try:
+            typed_json(key, info[key], annotation)
+        except ValueError as exc:
+            raise NcleanerError(f"{path}: {exc}") from None
 
 
 def _check_identity(path: Path, info: dict, identity: dict) -> None:
@@ -500,7 +500,7 @@ def _check_identity(path: Path, info: dict, identity: dict) -> None:
 
 
 def _fingerprint(url: str) -> list[int] | None:
-    """A local shard's size and modification time: what ``answers_for`` trusts without reading it."""
+    """A local shard's size and modification time: what ``EmbeddingStore.stale`` trusts without reading it."""
     try:
         st = os.stat(url)
     except (OSError, ValueError):
@@ -536,7 +536,7 @@ def rows_digest(keys: list[str], sha1s: list[str | None], img: np.ndarray, txt: 
     for key, sha1 in zip(keys, sha1s, strict=True):
         digest.update(f"{key}\0{sha1}\0".encode("utf-8", "surrogateescape"))
     for array in (img, txt):
-        digest.update(np.ascontiguousarray(array, dtype=np.float16).tobytes())
+        digest.update(memoryview(np.ascontiguousarray(array, dtype=np.float16)))  # a stored part: no copy
     return digest.hexdigest()
 
 

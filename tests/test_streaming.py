@@ -399,7 +399,7 @@ def test_embeddings_json_fields_are_type_checked(embedded, frozen_model, pool, t
     _edit_info(emb, dim="128")
     result = run_cli("score", pool, "--model", frozen_model, "--out", tmp_path / "r", "--embeddings", emb, ok=False)
     assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1
-    assert 'embeddings.json: field dim must be an integer, got "128"' in result.output
+    assert "embeddings.json: field dim must be an integer, got '128'" in result.output
 
 
 @pytest.mark.parametrize(
