@@ -16,7 +16,7 @@ import click
 from click.core import ParameterSource
 
 from . import __version__
-from .config import DEFAULT_MAX_IMAGE_PIXELS, PRECISIONS, DisNCLConfig
+from .config import DEFAULT_MAX_IMAGE_PIXELS, DERIVED_FIELDS, PRECISIONS, DisNCLConfig
 from .errors import NcleanerError, first_line, printable
 from .schema import OK, SCORE_COLUMNS, TRUNCATED_SHARD
 
@@ -386,9 +386,8 @@ def fit_config(ctx: click.Context, config_file: str | None, options: dict, overr
         config = DisNCLConfig()
         if config_file:
             # The derived fields of an earlier model's config.json are this fit's to fill in.
-            config = dataclasses.replace(
-                DisNCLConfig.load(config_file), embed_dim=0, pretrained_sha256=None, version=config.version
-            )
+            derived = {f: getattr(config, f) for f in DERIVED_FIELDS}
+            config = dataclasses.replace(DisNCLConfig.load(config_file), **derived)
         typed = {k: v for k, v in options.items() if ctx.get_parameter_source(k) != ParameterSource.DEFAULT}
         config = config.with_overrides(typed).with_overrides(overrides)
     except ValueError as exc:
@@ -626,6 +625,7 @@ def filter_cmd(
     manifest); a sample that could not be scored stays rejected even when --keep-keys names it.
     """
     from .filtering import filter_shards
+    from .rules import describe
 
     if (threshold is not None) + (keep_fraction is not None) + auto != 1:
         raise click.UsageError("give exactly one of --threshold, --keep-fraction or --auto")
@@ -661,10 +661,8 @@ def filter_cmd(
     if dry_run:
         click.echo(_dry_run_table(result))
         click.echo(
-            f"dry run: would keep {result.kept_count} of {result.input_count} pairs by {rule.describe()}"
-            + (f" and --where {result.where}" if result.where else "")
-            + "; "
-            f"would reject {result.rejected_count}"
+            f"dry run: would keep {result.kept_count} of {result.input_count} pairs by "
+            f"{describe(rule, result.where)}; would reject {result.rejected_count}"
             + (f" ({reasons})" if reasons else "")
             + overridden
             + _shard_notes(result.unreadable_shards, [])
@@ -739,6 +737,7 @@ def inspect_cmd(shards, report_dir, out, threshold, keep_fraction, auto, column,
     filter --keep-keys / --reject-keys. It is resolved exactly as filter resolves the rule.
     """
     from .inspection import inspect_report
+    from .rules import describe
 
     if (threshold is not None) + (keep_fraction is not None) + auto > 1:
         raise click.UsageError("give at most one of --threshold, --keep-fraction or --auto")
@@ -757,9 +756,7 @@ def inspect_cmd(shards, report_dir, out, threshold, keep_fraction, auto, column,
     truth = result.truth
     click.echo(
         f"wrote {result.out} ({result.size_bytes / 1024:.0f} KiB, {sum(result.cards.values())} cards, "
-        f"{result.thumbnails} images): {result.pool} pairs, {rule.describe()}"
-        + (f" and --where {where}" if where else "")
-        + f" keeps {result.kept}, "
+        f"{result.thumbnails} images): {result.pool} pairs, {describe(rule, where)} keeps {result.kept}, "
         f"rejects {result.rejected}"
         + (
             f"; kept set {100 * truth['kept_precision']:.1f}% clean, "

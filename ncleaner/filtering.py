@@ -119,7 +119,7 @@ def filter_shards(
             rejected with the reason ``where``.
         rejected_out: also write the rejected samples here, as shards with their own manifest.
         subset_out, rejected_subset_out: also write the kept (rejected) samples' uids as a DataComp
-            subset file (``subset_array``); every such sample must have a uid.
+            subset file (``subset_uids``); every such sample must have a uid.
         keep_keys: a file of keys (``KEY`` or ``SHARD<TAB>KEY`` a line) to keep whatever the rule
             says; a sample with a non-ok status stays rejected (see ``resolve_overrides``).
         reject_keys: likewise, keys to reject whatever the rule says.
@@ -157,11 +157,15 @@ def filter_shards(
         for url, report in reports.items()
     }
 
-    subsets = {kept: Path(path) for kept, path in ((True, subset_out), (False, rejected_subset_out)) if path}
-    for kept, path in subsets.items():
+    # Every uid is read, and a missing one refused, here: before any shard is written.
+    subsets = {
+        Path(path): subset_uids(reports, outcomes, kept=kept)
+        for kept, path in ((True, subset_out), (False, rejected_subset_out))
+        if path
+    }
+    for path in subsets:
         if path.exists() and not force:
             raise NcleanerError(f"{path}: exists; pass --force to replace it")
-        subset_array(reports, outcomes, kept=kept)  # refused here, before any shard is written
 
     def owned(d: Path) -> set[str] | None:
         return recorded_files(d, "filter")
@@ -223,23 +227,29 @@ def filter_shards(
         # The kept directory goes last: its manifest is what says the whole run finished.
         write_json(kept_stage.path / MANIFEST, {**manifest, "role": "kept", "files": _names(kept_paths)})
         kept_stage.commit()
-    routed = {url: reports[url] for url in per_shard}  # an unreadable shard wrote no sample
-    for kept, path in subsets.items():
-        array = subset_array(routed, outcomes, kept=kept)
+    for path, uids in subsets.items():
+        # DataComp's subset file: (high, low) 64-bit halves of each uid, dtype u8,u8, sorted. An
+        # unreadable shard (not in per_shard) wrote no sample.
+        array = np.array([uid for url in per_shard for uid in uids[url]], dtype=np.dtype("u8,u8"))
+        array.sort()
         write_npy(path, array)
     return result
 
 
-def subset_array(reports: dict[str, pd.DataFrame], outcomes: dict[str, list[str]], *, kept: bool) -> np.ndarray:
-    """The kept (or rejected) samples as DataComp's subset file holds them: each uid (128-bit hex)
-    as ``divmod(int(uid, 16), 2**64)`` in a structured array of dtype ``u8,u8``, sorted.
+def subset_uids(
+    reports: dict[str, pd.DataFrame], outcomes: dict[str, list[str]], *, kept: bool
+) -> dict[str, list[tuple[int, int]]]:
+    """Per shard, the uids of its kept (or rejected) samples as DataComp's subset file holds them:
+    each uid (128-bit hex) as ``divmod(int(uid, 16), 2**64)``.
 
     Every such sample needs a uid (the ``uid`` report column, from its json): one line gives the
     count of those without, or the first uid that is not 128-bit hex.
     """
-    uids, missing = [], 0
+    uids: dict[str, list[tuple[int, int]]] = {}
+    missing = 0
     for url, report in reports.items():
         column = report["uid"].tolist() if "uid" in report.columns else [None] * len(report)
+        uids[url] = []
         for uid, outcome in zip(column, outcomes[url], strict=True):
             if is_kept(outcome) != kept:
                 continue
@@ -252,16 +262,14 @@ def subset_array(reports: dict[str, pd.DataFrame], outcomes: dict[str, list[str]
                 value = -1
             if not 0 <= value < 1 << 128:
                 raise NcleanerError(f"{url}: uid {uid!r} is not a 128-bit hexadecimal id, as DataComp's are")
-            uids.append(divmod(value, 1 << 64))
+            uids[url].append(divmod(value, 1 << 64))
     if missing:
         side = "kept" if kept else "rejected"
         raise NcleanerError(
             f"--{'' if kept else 'rejected-'}subset-out: {missing} {side} sample(s) have no uid in their json "
             "(a subset file names samples by uid)"
         )
-    array = np.array(uids, dtype=np.dtype("u8,u8"))
-    array.sort()
-    return array
+    return uids
 
 
 def _shard_counts(outcomes: list[str]) -> dict:

@@ -38,7 +38,7 @@ from PIL import Image
 from . import __version__, schema
 from .config import DEFAULT_MAX_IMAGE_PIXELS
 from .errors import NcleanerError, UnreadableShard, first_line, printable
-from .rules import KEPT, ScoredSamples, is_kept, load_shard_reports, make_rule, route
+from .rules import KEPT, ScoredSamples, describe, is_kept, load_shard_reports, make_rule, route
 from .schema import SCORE_COLUMNS, STATUSES, Rule
 from .shards import RawSample, expand_shards, image_member, read_shard
 from .writer import atomic_write, remove_stale_partials
@@ -161,7 +161,7 @@ def inspect_report(
     ok_noisy = noisy[(pool["status"] == schema.OK).to_numpy()][finite] if noisy is not None else None
     charts = _charts(ok_values[finite], rule.threshold, ok_noisy, int(noisy.sum()) if noisy is not None else 0)
     key_counts = pool["key"].value_counts()
-    shown_rule = rule.describe() + (f" and --where {where}" if where else "")
+    shown_rule = describe(rule, where)
     context = {
         "generator": GENERATOR,
         "title": f"ncleaner inspect: {shown_rule}",

@@ -294,6 +294,11 @@ def _sql_error(exc: Exception) -> str:
     return first_line(exc).replace(f" {_ROW}", "")
 
 
+def describe(rule: Rule, where: str | None) -> str:
+    """The rule as given with its resolved threshold, and the ``--where`` predicate it is ANDed with."""
+    return rule.describe() + (f" and --where {where}" if where else "")
+
+
 def is_kept(outcome: str) -> bool:
     return outcome in (KEPT, KEPT_BY_OVERRIDE)
 
@@ -390,23 +395,20 @@ class ScoredSamples:
     def check(self, n: int, raw: RawSample) -> None:
         """Raise unless ``raw``, the shard's sample ``n``, is the one report row ``n`` was scored from."""
         if n >= len(self.keys) or self.keys[n] != raw.key:
-            raise NcleanerError(
-                f"{self.url}: sample {n} ({raw.key}) does not match its report row; the shard changed "
-                "since it was scored (run ncleaner score --overwrite)"
-            )
-        changed = [
-            what
-            for what, differs in (
-                ("caption", read_text_fields(raw)[0] != self.captions[n]),
-                ("image", self.sha1s is not None and sha1_of(image_member(raw)) != self.sha1s[n]),
-            )
-            if differs
-        ]
-        if changed:
-            raise NcleanerError(
-                f"{self.url}: sample {n} ({raw.key}) does not match its report row (its {' and '.join(changed)} "
-                "differs); the shard changed since it was scored (run ncleaner score --overwrite)"
-            )
+            raise self._changed(n, raw, "")
+        differs = []
+        if read_text_fields(raw)[0] != self.captions[n]:
+            differs.append("caption")
+        if self.sha1s is not None and sha1_of(image_member(raw)) != self.sha1s[n]:
+            differs.append("image")
+        if differs:
+            raise self._changed(n, raw, f" (its {' and '.join(differs)} differs)")
+
+    def _changed(self, n: int, raw: RawSample, detail: str) -> NcleanerError:
+        return NcleanerError(
+            f"{self.url}: sample {n} ({raw.key}) does not match its report row{detail}; the shard changed "
+            "since it was scored (run ncleaner score --overwrite)"
+        )
 
 
 def _text(value) -> str | None:
