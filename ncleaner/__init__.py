@@ -2,14 +2,15 @@
 
 The package API mirrors the command line: data positional, every option keyword-only::
 
-    from ncleaner import fit, score, inspect_report, filter_shards
+    from ncleaner import RunOptions, fit, score, inspect_report, filter_shards
     fit("shards/", "model/")
-    score("shards/", "model/", "report/")
+    score("shards/", "model/", "report/", run=RunOptions(device="cuda", progress=True))
     inspect_report("shards/", "report/", "report.html", keep_fraction=0.8)
     filter_shards("shards/", "report/", "clean/", auto=True)
 
-Library functions log through ``logging.getLogger("ncleaner....")`` and show no
-progress bar unless ``progress=True``.
+Where and how a stage runs (engine, device, workers, progress bars) is one ``RunOptions``
+object, the same for every stage. Library functions log through
+``logging.getLogger("ncleaner....")`` and show no progress bar unless ``RunOptions.progress``.
 """
 
 from importlib import import_module
@@ -38,6 +39,8 @@ _API = {
     "noise_kinds_from_report": "ncleaner.evaluate",
     "noise_kinds_from_file": "ncleaner.evaluate",
     "DisNCLConfig": "ncleaner.config",
+    "RunOptions": "ncleaner.engine",
+    "ShardTally": "ncleaner.engine",
     "NcleanerModel": "ncleaner.model",
     "NcleanerError": "ncleaner.errors",
     "UnreadableShard": "ncleaner.errors",

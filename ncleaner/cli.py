@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import inspect
 import json
 import logging
 import math
@@ -17,6 +16,7 @@ from click.core import ParameterSource
 
 from . import __version__
 from .config import DEFAULT_MAX_IMAGE_PIXELS, DERIVED_FIELDS, PRECISIONS, DisNCLConfig
+from .engine import ENGINES, RunOptions
 from .errors import NcleanerError, first_line, printable
 from .schema import OK, SCORE_COLUMNS, TRUNCATED_SHARD
 
@@ -55,9 +55,13 @@ class _EchoHandler(logging.Handler):
         click.echo(prefix + record.getMessage(), err=True)
 
 
+# Where ``verbosity`` leaves whether progress bars show, for ``run_options`` to read.
+_PROGRESS = "ncleaner.progress"
+
+
 def verbosity(command):
     """``-q`` / ``-v`` for a command: they set how much of the library's log shows, and whether
-    progress bars do; a command with a ``progress`` parameter receives it.
+    progress bars do (``run_options`` below reads it).
 
     The library itself logs through ``logging.getLogger(__name__)`` and shows no progress bar
     unless asked: this is the one place that turns them on. While the command runs the package's
@@ -66,8 +70,6 @@ def verbosity(command):
     handler that would print every record a second time. The logger is restored afterwards, so
     an in-process caller (a test, a notebook) keeps its own logging set-up.
     """
-
-    shows_progress = "progress" in inspect.signature(command).parameters
 
     @click.option("--quiet", "-q", is_flag=True, help="Warnings and errors only: no progress bars, no per-epoch lines.")
     @click.option("--verbose", "-v", is_flag=True, help="Also debug messages.")
@@ -79,9 +81,8 @@ def verbosity(command):
         package.addHandler(handler)
         package.setLevel(logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO)
         package.propagate = False
+        click.get_current_context().meta[_PROGRESS] = not quiet
         try:
-            if shows_progress:
-                kwargs["progress"] = not quiet
             return command(*args, **kwargs)
         finally:
             package.removeHandler(handler)
@@ -116,42 +117,67 @@ max_pixels_option = click.option(
 )
 
 
-workers_option = click.option(
-    "--workers",
-    type=click.IntRange(min=0),
-    default=None,
-    help="Processes decoding images while the main one encodes (default: one per core, at most one per shard; "
-    "0: decode in the main process). Results do not depend on it.",
-)
-engine_options = [
-    click.option(
+def _stacked(options):
+    """One decorator applying several click options, in the order given (as --help lists them)."""
+
+    def apply(command):
+        for option in reversed(options):
+            command = option(command)
+        return command
+
+    return apply
+
+
+_run_option_decls = {
+    "device": device_option,
+    "workers": click.option(
+        "--workers",
+        type=click.IntRange(min=0),
+        default=None,
+        help="Processes decoding images while the main one encodes (default: one per core, at most one per shard; "
+        "0: decode in the main process). Results do not depend on it.",
+    ),
+    "engine": click.option(
         "--engine",
-        type=click.Choice(["local", "ray"]),
+        type=click.Choice(ENGINES),
         default="local",
         show_default=True,
         help="local: this machine; ray: one work item per shard on a Ray cluster (pip install 'ncleaner[ray]'). "
         "The output is the same.",
     ),
-    click.option(
+    "ray_address": click.option(
         "--ray-address",
         default=None,
         help="With --engine ray: auto joins the cluster ray start made; HOST:PORT another one; "
         "left out, a local Ray is started for the run.",
     ),
-]
-gpu_share_option = click.option(
-    "--ray-actors-per-gpu",
-    type=click.IntRange(min=1),
-    default=1,
-    show_default=True,
-    help="With --engine ray on GPUs: workers sharing each GPU, each decoding on its own CPU.",
-)
+    "actors_per_gpu": click.option(
+        "--ray-actors-per-gpu",
+        "actors_per_gpu",
+        type=click.IntRange(min=1),
+        default=1,
+        show_default=True,
+        help="With --engine ray on GPUs: workers sharing each GPU, each decoding on its own CPU.",
+    ),
+}
 
 
-def engine_option(command):
-    for option in reversed(engine_options):
-        command = option(command)
-    return command
+def run_options(*fields: str):
+    """The ``RunOptions`` fields a command offers as options (all of them when none are named),
+    handed to the command as one ``run`` argument: the command forwards one object, and a new
+    run option is declared here once. Goes below ``verbosity``, which decides ``progress``."""
+    chosen = fields or tuple(_run_option_decls)
+
+    def decorate(command):
+        @functools.wraps(command)
+        def wrapper(*args, **kwargs):
+            given = {f: kwargs.pop(f) for f in chosen}
+            progress = click.get_current_context().meta.get(_PROGRESS, False)
+            return command(*args, run=RunOptions(progress=progress, **given), **kwargs)
+
+        return _stacked([_run_option_decls[f] for f in chosen])(wrapper)
+
+    return decorate
 
 
 embeddings_options = [
@@ -169,17 +195,6 @@ embeddings_options = [
         "(written by clip-retrieval).",
     ),
 ]
-
-
-def _stacked(options):
-    """One decorator applying several click options, in the order given (as --help lists them)."""
-
-    def apply(command):
-        for option in reversed(options):
-            command = option(command)
-        return command
-
-    return apply
 
 
 embeddings_option = _stacked(embeddings_options)
@@ -302,36 +317,18 @@ def config_options(command):
     metavar="FIELD=VALUE",
     help="Set any DisNCLConfig field (repeatable), e.g. --set lambda_reg=0.02 --set soft_targets=false.",
 )
-@device_option
 @click.option("--force", is_flag=True, help="Replace an existing model directory (only the files fit writes).")
 @bad_shard_option
 @max_pixels_option
 @embeddings_option
-@workers_option
-@engine_option
-@gpu_share_option
 @verbosity
+@run_options()
 @user_errors
 @click.pass_context
 def fit(
-    ctx,
-    shards,
-    out_dir,
-    config_file,
-    overrides,
-    device,
-    force,
-    on_bad_shard,
-    max_image_pixels,
-    embeddings,
-    embeddings_backbone,
-    workers,
-    engine,
-    ray_address,
-    ray_actors_per_gpu,
-    progress,
-    **options,
-):
+    ctx, shards, out_dir, config_file, overrides, force, on_bad_shard, max_image_pixels, embeddings,
+    embeddings_backbone, run, **options,
+):  # fmt: skip
     """Train a DisNCL model on SHARDS (no clean labels needed) and save it to --out.
 
     \b
@@ -347,17 +344,12 @@ def fit(
         shards,
         out_dir,
         config,
-        device=device,
         force=force,
         on_bad_shard=on_bad_shard,
         max_image_pixels=max_image_pixels,
         embeddings=embeddings,
         embeddings_backbone=embeddings_backbone,
-        workers=workers,
-        progress=progress,
-        engine=engine,
-        ray_address=ray_address,
-        ray_actors_per_gpu=ray_actors_per_gpu,
+        run=run,
     )
     unused = sum(v for k, v in result.statuses.items() if k != OK)
     truncated = result.statuses.get(TRUNCATED_SHARD, 0)
@@ -404,7 +396,6 @@ def fit_config(ctx: click.Context, config_file: str | None, options: dict, overr
 @click.option(
     "--batch-size", type=click.IntRange(min=1), default=256, show_default=True, help="Pairs encoded at a time."
 )
-@device_option
 @click.option(
     "--overwrite", is_flag=True, help="Re-score shards the report already holds, also those of another model."
 )
@@ -416,31 +407,14 @@ def fit_config(ctx: click.Context, config_file: str | None, options: dict, overr
 @bad_shard_option
 @max_pixels_option
 @embeddings_option
-@workers_option
 @allow_download_option
-@engine_option
-@gpu_share_option
 @verbosity
+@run_options()
 @user_errors
 def score(
-    shards,
-    model_dir,
-    out_dir,
-    batch_size,
-    device,
-    overwrite,
-    keep_json_fields,
-    on_bad_shard,
-    max_image_pixels,
-    embeddings,
-    embeddings_backbone,
-    workers,
-    allow_download,
-    engine,
-    ray_address,
-    ray_actors_per_gpu,
-    progress,
-):
+    shards, model_dir, out_dir, batch_size, overwrite, keep_json_fields, on_bad_shard, max_image_pixels,
+    embeddings, embeddings_backbone, allow_download, run,
+):  # fmt: skip
     """Score every pair of SHARDS and write a Parquet report (one row per pair, one file per shard).
 
     Pairs that cannot be scored (corrupt image, missing caption...) get a row too, with a status
@@ -454,22 +428,17 @@ def score(
         model_dir,
         out_dir,
         batch_size=batch_size,
-        device=device,
         overwrite=overwrite,
         keep_json_fields=fields,
         on_bad_shard=on_bad_shard,
         max_image_pixels=max_image_pixels,
         embeddings=embeddings,
         embeddings_backbone=embeddings_backbone,
-        workers=workers,
-        progress=progress,
         allow_download=allow_download,
-        engine=engine,
-        ray_address=ray_address,
-        ray_actors_per_gpu=ray_actors_per_gpu,
+        run=run,
     )
     click.echo(
-        f"report {result.report_dir}: {result.rows} rows from {len(result.scored_shards) + len(result.done_before)}"
+        f"report {result.report_dir}: {result.rows} rows from {len(result.done_now) + len(result.done_before)}"
         f" shard(s), model {result.model_id}"
         + _not_ok_note(result.statuses, "not scored")
         + _shard_notes(result.unreadable_shards, result.truncated_shards)
@@ -491,17 +460,14 @@ def score(
     show_default=True,
     help="Backbone precision on CUDA (fp16/bf16 autocast).",
 )
-@device_option
-@workers_option
 @bad_shard_option
 @max_pixels_option
 @allow_download_option
-@engine_option
-@gpu_share_option
 @verbosity
+@run_options()
 @user_errors
-def embed(shards, backbone, pretrained, out_dir, batch_size, precision, device, workers, on_bad_shard,
-          max_image_pixels, allow_download, engine, ray_address, ray_actors_per_gpu, progress):  # fmt: skip
+def embed(shards, backbone, pretrained, out_dir, batch_size, precision, on_bad_shard, max_image_pixels,
+          allow_download, run):  # fmt: skip
     """Encode every pair of SHARDS once and write the embeddings in clip-retrieval's layout.
 
     \b
@@ -518,20 +484,15 @@ def embed(shards, backbone, pretrained, out_dir, batch_size, precision, device, 
         backbone=backbone,
         pretrained=pretrained,
         batch_size=batch_size,
-        device=device,
-        workers=workers,
         precision=precision,
         on_bad_shard=on_bad_shard,
         max_image_pixels=max_image_pixels,
-        progress=progress,
         allow_download=allow_download,
-        engine=engine,
-        ray_address=ray_address,
-        ray_actors_per_gpu=ray_actors_per_gpu,
+        run=run,
     )
     click.echo(
         f"embeddings {result.out_dir}: {result.statuses.get(OK, 0)} pairs embedded from "
-        f"{len(result.embedded_shards)} shard(s)"
+        f"{len(result.done_now)} shard(s)"
         + (
             f" ({len(result.reembedded_shards)} again: their parts were from other bytes)"
             if result.reembedded_shards
@@ -592,8 +553,8 @@ def embed(shards, backbone, pretrained, out_dir, batch_size, precision, device, 
     help="Replace what an earlier filter run wrote to --out / --rejected-out (per its manifest).",
 )
 @bad_shard_option
-@engine_option
 @verbosity
+@run_options("engine", "ray_address")
 @user_errors
 def filter_cmd(
     shards,
@@ -613,9 +574,7 @@ def filter_cmd(
     maxcount,
     force,
     on_bad_shard,
-    engine,
-    ray_address,
-    progress,
+    run,
 ):
     """Write the pairs of SHARDS that pass the rule as new shards, byte for byte, with a manifest.json.
 
@@ -647,9 +606,7 @@ def filter_cmd(
         maxcount=maxcount,
         force=force,
         on_bad_shard=on_bad_shard,
-        progress=progress,
-        engine=engine,
-        ray_address=ray_address,
+        run=run,
     )
     rule = result.rule
     reasons = _reasons(result.rejected_by_reason)
@@ -726,7 +683,7 @@ def _dry_run_table(result) -> str:
 @bad_shard_option
 @verbosity
 @user_errors
-def inspect_cmd(shards, report_dir, out, threshold, keep_fraction, auto, column, where, progress, **options):
+def inspect_cmd(shards, report_dir, out, threshold, keep_fraction, auto, column, where, **options):
     """Write one self-contained HTML page showing what a rule keeps and rejects, to look before you cut.
 
     \b

@@ -196,11 +196,6 @@ class _ShardBlocks(torch.utils.data.IterableDataset):
 SHARDS_PER_WORKER = 16
 
 
-def default_workers(shards: int) -> int:
-    """``--workers`` default: one decoding process per core, never more than there are shards."""
-    return max(1, min(len(os.sched_getaffinity(0)), shards))
-
-
 def decode_blocks(
     urls: Iterable[str],
     preprocess: Callable[[Image.Image], torch.Tensor],

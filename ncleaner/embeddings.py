@@ -47,11 +47,19 @@ from tqdm.auto import tqdm
 from . import __version__, schema
 from .backbone import build_backbone, checkpoint_sha256, download_reason, resolve_device
 from .config import DEFAULT_MAX_IMAGE_PIXELS, typed_json
-from .decode import by_shard, decode_blocks, default_workers
+from .decode import by_shard, decode_blocks
 from .encode import Encoder
-from .engine import ShardJob, check_engine, run_shard_jobs, worker_device
-from .errors import NcleanerError, UnreadableShard, first_line, settle_unreadable
-from .shards import expand_shards, image_member, read_shard, read_text_fields, sha1_of, shard_names
+from .engine import DEFAULT_RUN, RunOptions, ShardJob, ShardTally, check_on_bad_shard, run_shard_jobs, worker_device
+from .errors import NcleanerError, UnreadableShard, first_line
+from .shards import (
+    expand_shards,
+    image_member,
+    read_shard,
+    read_text_fields,
+    sha1_of,
+    shard_fingerprint,
+    shard_names,
+)
 from .writer import atomic_write, output_error, remove_stale_partials, write_json, write_npy
 
 logger = logging.getLogger(__name__)
@@ -243,7 +251,7 @@ class EmbeddingStore:
             "shard": features.url,
             "damage": features.damage,
             "max_image_pixels": features.max_pixels,
-            "fingerprint": _fingerprint(features.url),
+            "fingerprint": shard_fingerprint(features.url),
             "rows_sha256": rows_digest(
                 [features.keys[i] for i in picked], [features.sha1s[i] for i in picked], *arrays
             ),
@@ -326,7 +334,7 @@ class EmbeddingStore:
         if not self.foreign:
             info = _part_info(self._paths(name)["meta"])
             same_rule = info.get("max_image_pixels") == max_pixels
-            if same_rule and info.get("fingerprint") is not None and info["fingerprint"] == _fingerprint(url):
+            if same_rule and info.get("fingerprint") is not None and info["fingerprint"] == shard_fingerprint(url):
                 return None
         try:
             self.read(name, url, 0, max_pixels=max_pixels)
@@ -497,15 +505,6 @@ def _check_identity(path: Path, info: dict, identity: dict) -> None:
             f"{path}: embeddings of {info.get('backbone')} with weights {info.get('pretrained')} ({theirs_short}), "
             f"but this run uses {identity.get('pretrained')} ({mine_short})"
         )
-
-
-def _fingerprint(url: str) -> list[int] | None:
-    """A local shard's size and modification time: what ``EmbeddingStore.stale`` trusts without reading it."""
-    try:
-        st = os.stat(url)
-    except (OSError, ValueError):
-        return None  # a URL or pipe: spec is read and checked
-    return [st.st_size, st.st_mtime_ns]
 
 
 def _recorded(metadata: dict | None, path: Path) -> dict:
@@ -754,18 +753,13 @@ def model_features(
 
 
 @dataclass
-class EmbedResult:
-    """What ``embed`` did: pairs embedded, statuses of all samples, shards done now, before, or not
-    at all; ``reembedded_shards`` are the embedded ones whose earlier part was stale (``StalePart``)."""
+class EmbedResult(ShardTally):
+    """What ``embed`` did, per shard as ``ShardTally`` counts it; ``reembedded_shards`` are those
+    done now whose earlier part was stale (``StalePart``)."""
 
     out_dir: Path
     identity: dict
-    statuses: Counter = field(default_factory=Counter)
-    embedded_shards: list[str] = field(default_factory=list)
-    done_before: list[str] = field(default_factory=list)
     reembedded_shards: list[str] = field(default_factory=list)
-    unreadable_shards: dict[str, str] = field(default_factory=dict)
-    truncated_shards: list[str] = field(default_factory=list)
 
 
 def embed(
@@ -775,16 +769,11 @@ def embed(
     backbone: str,
     pretrained: str | None,
     batch_size: int = 256,
-    device: str = "auto",
-    workers: int | None = None,
     precision: str = "fp32",
     on_bad_shard: str = "fail",
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
-    progress: bool = False,
     allow_download: bool = False,
-    engine: str = "local",
-    ray_address: str | None = None,
-    ray_actors_per_gpu: int = 1,
+    run: RunOptions = DEFAULT_RUN,
 ) -> EmbedResult:
     """Encode every pair of ``shards`` once and write the embeddings directory ``out_dir``.
 
@@ -797,37 +786,29 @@ def embed(
         pretrained: open_clip pretrained tag or local checkpoint file (required: the
             features of a random backbone are of no use to a later run).
         batch_size: pairs encoded at a time.
-        device: ``cpu``, ``cuda``, ``cuda:N`` or ``auto``.
-        workers: decoding processes (None: one per core, at most one per shard; 0: in this process).
         precision: ``fp32``, or ``fp16`` / ``bf16`` autocast on CUDA.
         on_bad_shard: ``fail`` stops at an unreadable shard; ``skip`` leaves it out (no part is
             written, so the next run tries it again) and lists it in ``unreadable_shards``.
         max_image_pixels: larger images are not decoded (status ``too_large``).
-        progress: one progress bar over the pairs.
         allow_download: let open_clip download ``backbone`` / ``pretrained``.
-        engine: ``local``, or ``ray``: one work item per shard on a Ray cluster, each encoded
-            and written by a worker holding the backbone (``ncleaner.ray_engine``).
-        ray_address: with ``engine="ray"``: None starts a local Ray for the run, ``auto`` joins
-            the cluster ``ray start`` made on this machine, ``HOST:PORT`` another one.
-        ray_actors_per_gpu: with ``engine="ray"`` on GPUs, workers sharing each GPU (each decodes
-            on its own CPU: more of them feed a fast GPU better; docs/design.md section 12).
+        run: where and how it runs (``RunOptions``); on Ray each shard is encoded and written by
+            a worker holding the backbone.
     """
-    if on_bad_shard not in ("fail", "skip"):
-        raise NcleanerError(f"--on-bad-shard {on_bad_shard}: must be fail or skip")
+    check_on_bad_shard(on_bad_shard)
     if not pretrained:
         raise NcleanerError("embed needs --pretrained: the features of a randomly initialised backbone mean nothing")
-    check_engine(engine, ray_address)
+    run.check()
     urls = expand_shards(shards)
     names = shard_names(urls)
     reason = None if allow_download else download_reason(backbone, pretrained)
     if reason:
         raise NcleanerError(f"{backbone}: {reason}; nothing is downloaded unless allowed (pass --allow-download)")
     # On Ray the workers encode: the backbone is built here only for its width (embeddings.json).
-    torch_device = resolve_device("cpu" if engine == "ray" else device)
+    torch_device = resolve_device("cpu" if run.on_ray else run.device)
     model = build_backbone(backbone, pretrained, torch_device)
     identity = backbone_identity(backbone, pretrained, model.embed_dim)
     store = EmbeddingStore.open(out_dir, identity, create=True)
-    result = EmbedResult(Path(out_dir), identity)
+    result = EmbedResult(out_dir=Path(out_dir), identity=identity)
     pending = store.to_embed(urls, names, max_pixels=max_image_pixels)
     todo = [(url, name) for url, name, _ in pending]
     result.reembedded_shards = [url for url, _, stale in pending if stale]
@@ -835,7 +816,7 @@ def embed(
     result.done_before = [url for url in urls if url not in waiting]
     if result.done_before:
         logger.info("skipped %d shard(s) already embedded", len(result.done_before))
-    if engine == "ray":
+    if run.on_ray:
         answers = embed_on_ray(
             todo,
             store,
@@ -843,30 +824,27 @@ def embed(
             pretrained=pretrained,
             precision=precision,
             batch_size=batch_size,
-            device=device,
             max_image_pixels=max_image_pixels,
-            ray_address=ray_address,
             allow_download=allow_download,
-            progress=progress,
-            actors_per_gpu=ray_actors_per_gpu,
+            run=run,
         )
         for _, name in todo:  # in input order, as the local engine counts them
-            record_embedding(result, answers[name], on_bad_shard=on_bad_shard)
+            result.count(answers[name], on_bad_shard=on_bad_shard, log=logger)
         return result
     encoder = Encoder(model, torch_device, precision=precision, source=f"backbone {backbone} ({pretrained})")
-    bar = tqdm(unit="pair", disable=not progress, dynamic_ncols=True, desc=f"embedding {len(todo)} shard(s)")
+    bar = tqdm(unit="pair", disable=not run.progress, dynamic_ncols=True, desc=f"embedding {len(todo)} shard(s)")
     stream = compute_features(
         [u for u, _ in todo],
         encoder,
         preprocess=model.preprocess,
         tokenizer=model.tokenizer,
         batch_size=batch_size,
-        workers=default_workers(len(todo)) if workers is None else workers,
+        workers=run.decode_workers(len(todo)),
         max_pixels=max_image_pixels,
         progress=bar.update,
     )
     for features, (_, name) in zip(stream, todo, strict=True):
-        record_embedding(result, write_embedding_part(store, name, features), on_bad_shard=on_bad_shard)
+        result.count(write_embedding_part(store, name, features), on_bad_shard=on_bad_shard, log=logger)
     bar.close()
     return result
 
@@ -911,12 +889,9 @@ def embed_on_ray(
     pretrained: str,
     precision: str,
     batch_size: int,
-    device: str,
     max_image_pixels: int,
-    ray_address: str | None,
     allow_download: bool,
-    progress: bool,
-    actors_per_gpu: int = 1,
+    run: RunOptions,
 ) -> dict[str, dict]:
     """Encode the shards ``todo`` ((url, name) each) on the Ray engine, each part written into
     ``store`` by the worker that encoded it; per shard name, what ``write_embedding_part`` answered."""
@@ -924,7 +899,7 @@ def embed_on_ray(
         "backbone": backbone,
         "pretrained": str(Path(pretrained).resolve()) if os.path.isfile(pretrained) else pretrained,
         "precision": precision,
-        "device": device,
+        "device": run.device,
         "allow_download": allow_download,
         "batch_size": batch_size,
         "max_image_pixels": max_image_pixels,
@@ -933,10 +908,7 @@ def embed_on_ray(
         EmbedJob,
         (store, options),
         todo,
-        ray_address=ray_address,
-        device=device,
-        actors_per_gpu=actors_per_gpu,
-        progress=progress,
+        run=run,
         desc=f"embedding {len(todo)} shard(s) on Ray",
     )
 
@@ -944,7 +916,7 @@ def embed_on_ray(
 def write_embedding_part(store: EmbeddingStore, name: str, features: ShardFeatures) -> dict:
     """Finish one shard of ``embed``: write its part; the unit of work both engines share.
 
-    Returns what ``record_embedding`` counts: the shard, its statuses and damage, or
+    Returns what ``ShardTally.count`` counts: the shard, its statuses and damage, or
     ``{"shard": url, "error": why}`` for a shard that could not be read (no part is
     written, so the next run tries it again).
     """
@@ -952,15 +924,3 @@ def write_embedding_part(store: EmbeddingStore, name: str, features: ShardFeatur
         return {"shard": features.url, "error": features.error}
     store.write(name, features)
     return {"shard": features.url, "statuses": dict(Counter(features.statuses)), "damage": features.damage}
-
-
-def record_embedding(result: EmbedResult, done: dict, *, on_bad_shard: str) -> None:
-    """Count one shard (``write_embedding_part``'s answer) into ``result``; an unreadable one
-    stops the run (``fail``) or is listed in ``unreadable_shards`` (``skip``)."""
-    url = done["shard"]
-    if settle_unreadable(done, on_bad_shard, result.unreadable_shards, logger):
-        return
-    result.statuses.update(done["statuses"])
-    result.embedded_shards.append(url)
-    if done["damage"]:
-        result.truncated_shards.append(url)

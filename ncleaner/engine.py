@@ -1,12 +1,16 @@
-"""The engine layer: what a stage hands to an engine, and the one place that picks the engine.
+"""The engine layer: how a stage runs, what it hands to an engine, and how it counts its shards.
 
-A stage (``score``, ``embed``, ``filter``) runs locally by itself: its shards stream through
-decode and encode in this process and its decode workers. For ``--engine ray`` it describes
-its per-shard work as a job and hands it here; the Ray engine (``ncleaner.ray_engine``) runs
-any job and imports no stage, so a new stage needs no edit of the Ray module (as datatrove's
-pipeline steps never import an executor). Each stage's Ray job lives with its stage:
-``scoring.ScoreJob``, ``embeddings.EmbedJob``, and ``filter``'s two task functions in
-``filtering``.
+- ``RunOptions``: where and how a stage runs (engine, Ray address, device, decoding workers,
+  actors per GPU, progress), one object every stage takes as ``run=`` and the CLI builds once.
+- ``ShardJob`` and ``run_shard_jobs``: a stage's per-shard work (set up once per worker, then
+  one shard a call), run in this process or on Ray. The Ray engine (``ncleaner.ray_engine``)
+  runs any job and imports no stage, so a new stage needs no edit of it (as datatrove's
+  pipeline steps never import an executor). Each stage's job lives with its stage
+  (``scoring.ScoreJob``, ``embeddings.EmbedJob``); ``ray_tasks`` runs stateless task functions
+  (``filter``'s route and stitch steps). ``score`` and ``embed`` run locally through their own
+  stream, which pipelines decoding across shards, and hand only their Ray work here.
+- ``ShardTally``: the one count of per-shard answers, with ``--on-bad-shard``; the base of the
+  stages' results.
 
 Nothing here imports Ray, or torch, before it is used: ``filter`` and the local engine never
 pay for them.
@@ -15,12 +19,17 @@ pay for them.
 from __future__ import annotations
 
 import functools
+import logging
+import os
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 
-from .errors import NcleanerError
+from .errors import NcleanerError, UnreadableShard
 
 ENGINES = ("local", "ray")
+ON_BAD_SHARD = ("fail", "skip")
 
 
 def check_engine(engine: str, ray_address: str | None) -> None:
@@ -35,6 +44,99 @@ def check_engine(engine: str, ray_address: str | None) -> None:
     from .ray_engine import check_ray
 
     check_ray(ray_address)
+
+
+def check_on_bad_shard(on_bad_shard: str) -> None:
+    if on_bad_shard not in ON_BAD_SHARD:
+        raise NcleanerError(f"--on-bad-shard {on_bad_shard}: must be one of {', '.join(ON_BAD_SHARD)}")
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """Where and how a stage runs, one object for every stage: none of it changes the stage's
+    output (the local and Ray engines write the same bytes, any number of workers gives the same
+    rows), so none of it belongs in a model's configuration.
+
+    Attributes:
+        engine: ``local`` (this process and its decoding workers) or ``ray``: one work item per
+            shard on a Ray cluster (``ncleaner.ray_engine``).
+        ray_address: with ``engine="ray"``: None starts a local Ray for the run, ``auto`` joins
+            the cluster ``ray start`` made on this machine, ``HOST:PORT`` another one.
+        device: ``cpu``, ``cuda``, ``cuda:N`` or ``auto`` (CUDA when present).
+        workers: local decoding processes (None: one per core, at most one per shard; 0: decode
+            in the main process).
+        actors_per_gpu: with ``engine="ray"`` on GPUs, workers sharing each GPU, each decoding
+            on its own CPU (more of them feed a fast GPU better; docs/design.md section 12).
+        progress: show progress bars.
+    """
+
+    engine: str = "local"
+    ray_address: str | None = None
+    device: str = "auto"
+    workers: int | None = None
+    actors_per_gpu: int = 1
+    progress: bool = False
+
+    def check(self) -> None:
+        """Refuse what cannot run (``check_engine``, a negative worker count) before any work."""
+        check_engine(self.engine, self.ray_address)
+        if self.workers is not None and self.workers < 0:
+            raise NcleanerError(f"--workers {self.workers}: must be 0 or more")
+        if self.actors_per_gpu < 1:
+            raise NcleanerError(f"--ray-actors-per-gpu {self.actors_per_gpu}: must be 1 or more")
+
+    @property
+    def on_ray(self) -> bool:
+        return self.engine == "ray"
+
+    def decode_workers(self, shards: int) -> int:
+        """Local decoding processes for ``shards`` shards: ``workers``, or by default one per core,
+        never more than there are shards."""
+        if self.workers is not None:
+            return self.workers
+        return max(1, min(len(os.sched_getaffinity(0)), shards))
+
+
+# The stages' default: this machine, CUDA when present, one decoding process per core, quiet.
+DEFAULT_RUN = RunOptions()
+
+
+@dataclass(kw_only=True)
+class ShardTally:
+    """What a stage did, shard by shard: the one count every stage keeps, so that its counts
+    mean the same in every result.
+
+    Attributes:
+        statuses: samples per status, over the shards done now and those done before.
+        done_now: shards this run processed, in input order.
+        done_before: shards an earlier run had finished (resumed over, not read again).
+        unreadable_shards: shards that could not be read, with why (``on_bad_shard="skip"``).
+        truncated_shards: shards that ended early; their samples up to the damage were counted.
+    """
+
+    statuses: Counter = field(default_factory=Counter)
+    done_now: list[str] = field(default_factory=list)
+    done_before: list[str] = field(default_factory=list)
+    unreadable_shards: dict[str, str] = field(default_factory=dict)
+    truncated_shards: list[str] = field(default_factory=list)
+
+    def count(self, answer: dict, *, on_bad_shard: str, log: logging.Logger) -> bool:
+        """Count one shard's answer: ``{"shard", "statuses", "damage"}`` for a shard that was read,
+        ``{"shard", "error"}`` for one that was not. An unreadable shard stops the run
+        (``fail``: UnreadableShard with the reason) or is warned about on ``log`` and listed
+        (``skip``); False then, True for a counted shard."""
+        url = answer["shard"]
+        if "error" in answer:
+            if on_bad_shard == "fail":
+                raise UnreadableShard(answer["error"])
+            log.warning("skipped %s", answer["error"])
+            self.unreadable_shards[url] = answer["error"]
+            return False
+        self.done_now.append(url)
+        self.statuses.update(answer.get("statuses", {}))
+        if answer.get("damage"):
+            self.truncated_shards.append(url)
+        return True
 
 
 def worker_device(device: str) -> str:
@@ -54,9 +156,6 @@ class ShardJob:
     """
 
     def __init__(self, *init):
-        import torch
-
-        torch.set_num_threads(1)  # one CPU declared per worker, one used by torch
         self.failure = None
         try:
             self._setup(*init)
@@ -83,27 +182,41 @@ def run_shard_jobs(
     init: tuple,
     todo: list[tuple[str, str]],
     *,
-    ray_address: str | None,
-    device: str,
-    actors_per_gpu: int,
-    progress: bool,
+    run: RunOptions,
     desc: str,
 ) -> dict[str, dict]:
-    """``job(*init).run(url, name)`` for every (url, name) of ``todo`` on the Ray engine, on a pool
-    of workers each set up once; per shard name, its answer."""
+    """``job(*init).run(url, name)`` for every (url, name) of ``todo``; per shard name, its answer.
+
+    On the Ray engine, on a pool of workers each set up once (``run``'s device and actors per
+    GPU); locally, one job set up in this process runs the shards one after another. A
+    ``{"fatal": message}`` answer stops the run with that line on either. This is all a new
+    per-shard stage needs from an engine (docs/design.md section 12 has the smallest one); a
+    stage whose local engine pipelines decoding across shards (``score``, ``embed``) runs that
+    stream itself and hands only its Ray work here.
+    """
+    answers: dict[str, dict] = {}
+    if not run.on_ray:
+        from tqdm.auto import tqdm
+
+        worker = job(*init)
+        for url, name in tqdm(todo, unit="shard", desc=desc, disable=not run.progress, dynamic_ncols=True):
+            answer = worker.run(url, name)
+            if "fatal" in answer:
+                raise NcleanerError(answer["fatal"])
+            answers[name] = answer
+        return answers
     from .ray_engine import ray_session, run_on_actors
 
-    answers: dict[str, dict] = {}
-    with ray_session(ray_address) as ray:
+    with ray_session(run.ray_address) as ray:
         run_on_actors(
             ray,
             job,
             init,
             todo,
             answers.__setitem__,
-            device=device,
-            actors_per_gpu=actors_per_gpu,
-            progress=progress,
+            device=run.device,
+            actors_per_gpu=run.actors_per_gpu,
+            progress=run.progress,
             desc=desc,
         )
     return answers

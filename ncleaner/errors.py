@@ -1,7 +1,5 @@
 """The one exception type the CLI turns into a one-line message."""
 
-import logging
-
 
 def first_line(exc: BaseException) -> str:
     """The first line of an exception's message, or its type name when it has none."""
@@ -31,16 +29,3 @@ class UnreadableShard(NcleanerError):
     shard that is readable up to some point is not this: its samples are flagged
     ``truncated_shard`` instead.
     """
-
-
-def settle_unreadable(done: dict, on_bad_shard: str, unreadable: dict[str, str], log: logging.Logger) -> bool:
-    """Apply ``--on-bad-shard`` to one shard's answer: False for a shard that was read; for one
-    that was not (an ``error`` in ``done``), raise UnreadableShard (``fail``), or warn on ``log``,
-    list it in ``unreadable`` and return True (``skip``)."""
-    if "error" not in done:
-        return False
-    if on_bad_shard == "fail":
-        raise UnreadableShard(done["error"])
-    log.warning("skipped %s", done["error"])
-    unreadable[done["shard"]] = done["error"]
-    return True

@@ -25,7 +25,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from . import schema
-from .engine import check_engine, ray_tasks
+from .engine import DEFAULT_RUN, RunOptions, ShardTally, check_on_bad_shard, ray_tasks
 from .errors import NcleanerError, UnreadableShard
 from .rules import (
     KEPT,
@@ -57,7 +57,6 @@ from .writer import (
 )
 
 logger = logging.getLogger(__name__)
-ON_BAD_SHARD = ("fail", "skip")
 
 
 @dataclass
@@ -102,9 +101,7 @@ def filter_shards(
     maxcount: int = 10_000,
     force: bool = False,
     on_bad_shard: str = "fail",
-    progress: bool = False,
-    engine: str = "local",
-    ray_address: str | None = None,
+    run: RunOptions = DEFAULT_RUN,
 ) -> FilterResult:
     """Split ``shards`` into kept and rejected samples by the report's scores.
 
@@ -130,16 +127,13 @@ def filter_shards(
         force: replace the output of an earlier ``filter`` run (only files its manifest lists).
         on_bad_shard: ``fail`` (default) stops at a shard that cannot be read; ``skip``
             records it in the manifest and goes on.
-        progress: show a progress bar over the samples.
-        engine: ``local``, or ``ray``: one task per input shard on a Ray cluster, each routing its
-            samples with ncleaner's own reader and shard writer (``ncleaner.ray_engine``); the
-            shards and manifest are byte for byte those of the local engine.
-        ray_address: with ``engine="ray"``: None starts a local Ray for the run, ``auto`` joins
-            the cluster ``ray start`` made on this machine, ``HOST:PORT`` another one.
+        run: where and how it runs (``RunOptions``: its engine, address and progress; filter
+            neither decodes nor encodes). On Ray, one task per input shard routes its samples with
+            ncleaner's own reader and shard writer; the shards and manifest are byte for byte
+            those of the local engine.
     """
-    if on_bad_shard not in ON_BAD_SHARD:
-        raise NcleanerError(f"--on-bad-shard {on_bad_shard}: must be one of {', '.join(ON_BAD_SHARD)}")
-    check_engine(engine, ray_address)
+    check_on_bad_shard(on_bad_shard)
+    run.check()
     urls = expand_shards(shards)
     check_outputs_apart_from_inputs([out_dir, rejected_out], urls)
     if rejected_out is not None:
@@ -152,7 +146,11 @@ def filter_shards(
     plan = resolve_overrides(reports, keep_keys=keep_keys, reject_keys=reject_keys)
     outcomes = {
         url: route(
-            report, rule, keep_rows=plan.keep.get(url, set()), reject_rows=plan.reject.get(url, set()), where=where
+            report,
+            rule,
+            keep_rows=plan.keep.get(url, set()),
+            reject_rows=plan.reject.get(url, set()),
+            where=where,
         )
         for url, report in reports.items()
     }
@@ -178,7 +176,7 @@ def filter_shards(
         return _result(Path(out_dir), rule, per_shard, plan, unreadable_shards=skipped, where=where, dry_run=True)
 
     per_shard: dict[str, dict] = {}
-    truncated: list[str] = []
+    tally = ShardTally(unreadable_shards=skipped)
     with ExitStack() as stack:
         kept_stage = stack.enter_context(StagedDir(out_dir, force=force, owned=owned))
         rejected_stage = (
@@ -186,27 +184,19 @@ def filter_shards(
         )
         stages = [kept_stage.path, rejected_stage.path if rejected_stage is not None else None]
         todo = [url for url in urls if url not in skipped]
-        if engine == "ray":
+        if run.on_ray:
             routed, (kept_paths, rejected_paths) = _route_on_ray(
-                todo, reports, outcomes, stages, maxcount=maxcount, ray_address=ray_address, progress=progress
+                todo, reports, outcomes, stages, maxcount=maxcount, run=run
             )
         else:
             total = sum(len(reports[url]) for url in todo)
-            bar = stack.enter_context(tqdm(total=total, unit="pair", desc="filtering", disable=not progress))
+            bar = stack.enter_context(tqdm(total=total, unit="pair", desc="filtering", disable=not run.progress))
             routed, (kept_paths, rejected_paths) = _route_locally(
                 todo, reports, outcomes, stages, maxcount=maxcount, on_bad_shard=on_bad_shard, bar=bar
             )
         for url in todo:
-            error, damaged = routed[url]
-            if error is not None:
-                if on_bad_shard == "fail":
-                    raise UnreadableShard(error)
-                skipped[url] = error
-                logger.warning("skipped %s", error)
-                continue
-            per_shard[url] = _shard_counts(outcomes[url])
-            if damaged:
-                truncated.append(url)
+            if tally.count(routed[url], on_bad_shard=on_bad_shard, log=logger):
+                per_shard[url] = _shard_counts(outcomes[url])
         result = _result(
             Path(out_dir),
             rule,
@@ -214,7 +204,7 @@ def filter_shards(
             plan,
             unreadable_shards=skipped,
             where=where,
-            truncated_shards=truncated,
+            truncated_shards=tally.truncated_shards,
             kept_shards=[str(Path(out_dir) / p.name) for p in kept_paths],
             rejected_shards=[str(Path(rejected_out) / p.name) for p in rejected_paths],
         )
@@ -314,8 +304,7 @@ def _route_on_ray(
     stages: list[Path | None],
     *,
     maxcount: int,
-    ray_address: str | None,
-    progress: bool,
+    run: RunOptions,
 ) -> tuple[dict, tuple[list[Path], list[Path]]]:
     """Route ``urls`` on the Ray engine into the kept and rejected staging directories ``stages``
     (the second may be None); returns what ``_route_locally`` returns.
@@ -331,13 +320,13 @@ def _route_on_ray(
             (stage / PIECES).mkdir()
     names = dict(zip(urls, shard_names(urls), strict=True))
     written: list[list[Path]] = [[], []]
-    with ray_tasks(ray_address) as run:
+    with ray_tasks(run.ray_address) as tasks:
         args = []
         for url in urls:
             pieces = [str(s / PIECES / f"{names[url]}.tar") if s is not None else None for s in stages]
             report = reports[url][[c for c in ROUTE_COLUMNS if c in reports[url].columns]]
             args.append((url, report, outcomes[url], pieces))
-        routes = run(_route_piece, args, labels=urls, progress=progress, desc="filtering on Ray")
+        routes = tasks(_route_piece, args, labels=urls, progress=run.progress, desc="filtering on Ray")
         answers = dict(zip(urls, routes, strict=True))
         stitches = []
         for role, stage in enumerate(stages):
@@ -347,13 +336,13 @@ def _route_on_ray(
             for j, ranges in enumerate(shard_layout([p for p in pieces if p[1]], maxcount)):
                 written[role].append(stage / f"{j:05d}.tar")
                 stitches.append((str(written[role][-1]), ranges))
-        run(_stitch, stitches, labels=["filter output"] * len(stitches), progress=False, desc="")
+        tasks(_stitch, stitches, labels=["filter output"] * len(stitches), progress=False, desc="")
     for stage in stages:
         if stage is not None:
             for piece in (stage / PIECES).iterdir():
                 piece.unlink()
             (stage / PIECES).rmdir()
-    routed = {url: (answers[url]["error"], answers[url]["damaged"]) for url in urls}
+    routed = {url: {"shard": url, **{k: v for k, v in answers[url].items() if k != "ends"}} for url in urls}
     return routed, (written[0], written[1])
 
 
@@ -370,12 +359,12 @@ def _route_piece(url: str, report: pd.DataFrame, outcomes: list[str], pieces: li
         for sink in sinks:
             sink.abort()
         if isinstance(exc, UnreadableShard):
-            return {"error": str(exc), "damaged": False, "ends": [[], []]}
+            return {"error": str(exc), "ends": [[], []]}
         raise
     for sink in sinks:
         sink.close()
     ends = [sink.ends for sink in sinks]
-    return {"error": None, "damaged": damaged, "ends": ends + [[]] * (2 - len(ends))}
+    return {"damage": damaged, "ends": ends + [[]] * (2 - len(ends))}
 
 
 def _stitch(path: str, ranges: list[tuple]) -> str:
@@ -386,8 +375,8 @@ def _stitch(path: str, ranges: list[tuple]) -> str:
 def _route_locally(urls, reports, outcomes, stages, *, maxcount: int, on_bad_shard: str, bar) -> tuple[dict, tuple]:
     """Route ``urls`` one after the other into one ``ShardSink`` per stage (kept, rejected or None).
 
-    Returns, per shard, (the error that made it unreadable or None, whether it is damaged),
-    and the paths of the kept and rejected shards written. With ``on_bad_shard="fail"`` the
+    Returns, per shard, its answer for ``ShardTally.count`` (the error that made it unreadable,
+    or whether it is damaged), and the paths of the kept and rejected shards written. With ``on_bad_shard="fail"`` the
     first unreadable shard raises at once: no later shard is read.
     """
     kept = ShardSink(stages[0], maxcount)
@@ -396,11 +385,11 @@ def _route_locally(urls, reports, outcomes, stages, *, maxcount: int, on_bad_sha
     with kept, rejected or ExitStack():
         for url in urls:
             try:
-                routed[url] = (None, route_shard(url, reports[url], outcomes[url], kept, rejected))
+                routed[url] = {"shard": url, "damage": route_shard(url, reports[url], outcomes[url], kept, rejected)}
             except UnreadableShard as exc:
                 if on_bad_shard == "fail":
                     raise
-                routed[url] = (str(exc), False)
+                routed[url] = {"shard": url, "error": str(exc)}
             bar.update(len(reports[url]))
     return routed, (kept.paths, rejected.paths if rejected is not None else [])
 

@@ -27,11 +27,11 @@ from tqdm.auto import tqdm
 from . import losses, schema, selfcheck
 from .backbone import resolve_device
 from .config import DisNCLConfig
-from .decode import DEFAULT_MAX_IMAGE_PIXELS, by_shard, decode_blocks, default_workers
+from .decode import DEFAULT_MAX_IMAGE_PIXELS, by_shard, decode_blocks
 from .embeddings import EmbeddingStore, embed_on_ray, model_features, open_for_model
 from .encode import canonical
-from .engine import check_engine
-from .errors import NcleanerError, UnreadableShard
+from .engine import DEFAULT_RUN, RunOptions, ShardTally, check_on_bad_shard
+from .errors import NcleanerError
 from .heads import DisNCLCritics
 from .mixture import TwoComponentMixture
 from .model import FIT_FILES, SELFCHECK_FILE, Calibration, NcleanerModel, anchored_score
@@ -62,7 +62,7 @@ class TrainingSet:
     has_edit: torch.Tensor | None = None
     edit_f: torch.Tensor | None = None
     edit_tokens: torch.Tensor | None = None
-    unreadable_shards: dict[str, str] = field(default_factory=dict)  # unreadable shard -> why
+    unreadable_shards: dict[str, str] = field(default_factory=dict)  # unreadable shard -> why (ShardTally)
 
     def __len__(self) -> int:
         held = self.f_v if self.f_v is not None else self.images
@@ -172,15 +172,9 @@ def load_training_set(
     max_fit_pairs = model.config.max_fit_pairs
     reservoir = Reservoir(max_fit_pairs, model.config.seed)
     bar = tqdm(desc="encoding" if not model.trains_backbone else "decoding", unit="pair", disable=not progress)
-    for url, statuses, error, columns in _shards(urls, model, batch_size, workers, max_image_pixels, store, bar):
-        if error:
-            if on_bad_shard == "fail":
-                raise UnreadableShard(error)
-            logger.warning("skipped %s", error)
-            data.unreadable_shards[url] = error
-            continue
-        data.statuses.update(statuses)
-        if columns is not None and len(columns[0]):
+    tally = ShardTally(statuses=data.statuses, unreadable_shards=data.unreadable_shards)
+    for answer, columns in _shards(urls, model, batch_size, workers, max_image_pixels, store, bar):
+        if tally.count(answer, on_bad_shard=on_bad_shard, log=logger) and columns is not None and len(columns[0]):
             reservoir.add(*columns)
     bar.close()
     sample = reservoir.sample()
@@ -195,7 +189,8 @@ def load_training_set(
 
 
 def _shards(urls, model: NcleanerModel, batch_size, workers, max_image_pixels, store, bar):
-    """Per shard in order: (url, statuses, error, the ok pairs' columns for the reservoir or None)."""
+    """Per shard in order: (its answer for ``ShardTally.count``, the ok pairs' columns for the
+    reservoir or None)."""
     if not model.trains_backbone:
         stream = model_features(
             model,
@@ -211,7 +206,10 @@ def _shards(urls, model: NcleanerModel, batch_size, workers, max_image_pixels, s
             # float16 halves the cache; fit from embeddings and fit from fresh features see the same values.
             captions = [c for c, ok in zip(shard.captions, shard.ok, strict=True) if ok]
             columns = (torch.from_numpy(shard.f_v).half(), torch.from_numpy(shard.f_t).half(), captions)
-            yield shard.url, Counter(shard.statuses), shard.error, None if shard.error else columns
+            if shard.error:
+                yield {"shard": shard.url, "error": shard.error}, None
+            else:
+                yield {"shard": shard.url, "statuses": Counter(shard.statuses)}, columns
         return
     blocks = decode_blocks(
         urls,
@@ -227,14 +225,17 @@ def _shards(urls, model: NcleanerModel, batch_size, workers, max_image_pixels, s
         bar.update(sum(statuses.values()))
         if last.damage:
             # The cut may have taken members of any of its samples: train on none of them.
-            yield last.url, Counter({schema.TRUNCATED_SHARD: sum(statuses.values())}), None, None
+            yield {"shard": last.url, "statuses": {schema.TRUNCATED_SHARD: sum(statuses.values())}}, None
             continue
         inputs = [b for b in group if b.images is not None]
         columns = None
         if inputs:
             captions = [p.caption for b in inputs for p in b.pairs if p.status == schema.OK]
             columns = (torch.cat([b.images for b in inputs]), torch.cat([b.tokens for b in inputs]), captions)
-        yield last.url, statuses, last.error, columns
+        yield (
+            ({"shard": last.url, "error": last.error} if last.error else {"shard": last.url, "statuses": statuses}),
+            columns,
+        )
 
 
 def fit(
@@ -242,17 +243,12 @@ def fit(
     out_dir: str | Path,
     config: DisNCLConfig | None = None,
     *,
-    device: str = "auto",
     force: bool = False,
     on_bad_shard: str = "fail",
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
     embeddings: str | Path | None = None,
     embeddings_backbone: str | None = None,
-    workers: int | None = None,
-    progress: bool = False,
-    engine: str = "local",
-    ray_address: str | None = None,
-    ray_actors_per_gpu: int = 1,
+    run: RunOptions = DEFAULT_RUN,
 ) -> FitResult:
     """Train a DisNCL model on ``shards`` and save it to ``out_dir``.
 
@@ -261,7 +257,6 @@ def fit(
         out_dir: the model directory. It is written under a temporary name and
             swapped in when complete, so an interrupted fit leaves the previous model.
         config: the ``DisNCLConfig`` (defaults when None).
-        device: ``cpu``, ``cuda``, ``cuda:N`` or ``auto``.
         force: replace an existing model directory (only the files ``fit`` writes).
         on_bad_shard: ``fail`` stops at an unreadable shard; ``skip`` leaves it out
             and lists it in ``FitResult.unreadable_shards``.
@@ -271,26 +266,20 @@ def fit(
             a later ``score`` with the same directory encodes nothing again.
         embeddings_backbone: the backbone that wrote ``embeddings`` when it has no
             ``embeddings.json`` (clip-retrieval's own output).
-        workers: decoding processes (None: one per core, at most one per shard; 0: decode in
-            this process). The model does not depend on it.
-        progress: show progress bars (the per-epoch lines go to this module's logger, at INFO).
-        engine: ``local``, or ``ray``: the shards ``embeddings`` lacks are encoded on a Ray cluster
-            (``ncleaner.ray_engine``), then the heads train here from the embeddings, on a sample
-            of at most ``config.max_fit_pairs`` pairs. Needs ``embeddings`` and a frozen
-            pretrained backbone: the embeddings are what the cluster produces.
-        ray_address: with ``engine="ray"``: None starts a local Ray for the run, ``auto`` joins
-            the cluster ``ray start`` made on this machine, ``HOST:PORT`` another one.
-        ray_actors_per_gpu: with ``engine="ray"`` on GPUs, workers sharing each GPU.
+        run: where and how it runs (``RunOptions``; the per-epoch lines go to this module's
+            logger, at INFO, whatever its ``progress``). On Ray the shards ``embeddings`` lacks are
+            encoded on the cluster, then the heads train here from the embeddings, on a sample of
+            at most ``config.max_fit_pairs`` pairs: it needs ``embeddings`` and a frozen
+            pretrained backbone, since the embeddings are what the cluster produces.
     """
     config = config or DisNCLConfig()
     try:
         config.validate()
     except ValueError as exc:
         raise NcleanerError(f"invalid configuration: {exc}") from exc
-    if on_bad_shard not in ("fail", "skip"):
-        raise NcleanerError(f"--on-bad-shard {on_bad_shard}: must be fail or skip")
-    check_engine(engine, ray_address)
-    if engine == "ray":
+    check_on_bad_shard(on_bad_shard)
+    run.check()
+    if run.on_ray:
         if config.resolved_train_backbone() != "none":
             raise NcleanerError(
                 "fit --engine ray: the cluster computes a frozen pretrained backbone's embeddings, but this "
@@ -303,28 +292,22 @@ def fit(
             )
     urls = expand_shards(shards)
     with StagedDir(out_dir, force=force, owned=lambda _: set(FIT_FILES)) as stage:
-        workers = default_workers(len(urls)) if workers is None else workers
         reading = {
             "on_bad_shard": on_bad_shard,
             "max_image_pixels": max_image_pixels,
-            "workers": workers,
             "embeddings": embeddings,
             "embeddings_backbone": embeddings_backbone,
-            "engine": engine,
-            "ray_address": ray_address,
-            "ray_actors_per_gpu": ray_actors_per_gpu,
-            "device": device,
         }
-        result = _fit(urls, stage.path, config, device, reading, progress)
+        result = _fit(urls, stage.path, config, reading, run)
         result.model_dir = stage.commit()
     return result
 
 
-def _fit(urls, out: Path, config, device, reading: dict, progress) -> FitResult:
+def _fit(urls, out: Path, config, reading: dict, run: RunOptions) -> FitResult:
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
-
-    device = resolve_device(device)
+    progress = run.progress
+    device = resolve_device(run.device)
     model = NcleanerModel.create(config, device)
     config = model.config  # with the backbone's embed_dim
     store = None
@@ -332,8 +315,8 @@ def _fit(urls, out: Path, config, device, reading: dict, progress) -> FitResult:
         store = open_for_model(
             reading["embeddings"], config, create=True, assume_backbone=reading["embeddings_backbone"]
         )
-    if reading.get("engine") == "ray":
-        _embed_on_ray(urls, store, config, reading, progress)
+    if run.on_ray:
+        _embed_on_ray(urls, store, config, reading["max_image_pixels"], run)
     data = load_training_set(
         urls,
         model,
@@ -341,7 +324,7 @@ def _fit(urls, out: Path, config, device, reading: dict, progress) -> FitResult:
         progress,
         on_bad_shard=reading["on_bad_shard"],
         max_image_pixels=reading["max_image_pixels"],
-        workers=reading["workers"],
+        workers=run.decode_workers(len(urls)),
         store=store,
     )
     if len(data) < 4:
@@ -429,13 +412,15 @@ def _train(model: NcleanerModel, data: TrainingSet, config: DisNCLConfig, rng: n
     return history
 
 
-def _embed_on_ray(urls: list[str], store: EmbeddingStore, config: DisNCLConfig, reading: dict, progress) -> None:
+def _embed_on_ray(
+    urls: list[str], store: EmbeddingStore, config: DisNCLConfig, max_pixels: int, run: RunOptions
+) -> None:
     """The part of ``fit`` that needs a cluster: encode the shards the embeddings lack, on Ray.
 
     What follows reads every shard's features from the store, here: the heads train on a
     sample of at most ``max_fit_pairs`` of them, which one machine holds.
     """
-    pending = store.to_embed(urls, shard_names(urls), max_pixels=reading["max_image_pixels"])
+    pending = store.to_embed(urls, shard_names(urls), max_pixels=max_pixels)
     todo = [(url, name) for url, name, _ in pending]
     if not todo:
         return
@@ -448,12 +433,9 @@ def _embed_on_ray(urls: list[str], store: EmbeddingStore, config: DisNCLConfig, 
         pretrained=config.pretrained,
         precision=config.precision,
         batch_size=config.batch_size,
-        device=reading["device"],
-        max_image_pixels=reading["max_image_pixels"],
-        ray_address=reading["ray_address"],
+        max_image_pixels=max_pixels,
         allow_download=True,  # as fit does here: it builds the backbone the config names
-        progress=progress,
-        actors_per_gpu=reading["ray_actors_per_gpu"],
+        run=run,
     )
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import sys
 from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -160,8 +161,8 @@ def run_on_actors(
     from tqdm.auto import tqdm
 
     count, resources = _worker_resources(ray, device, actors_per_gpu)
-    remote = ray.remote(worker_class).options(**resources, max_restarts=RETRIES, max_task_retries=RETRIES)
-    actors = [remote.remote(*init) for _ in range(min(count, len(items)))]
+    remote = ray.remote(_Actor).options(**resources, max_restarts=RETRIES, max_task_retries=RETRIES)
+    actors = [remote.remote(worker_class, init) for _ in range(min(count, len(items)))]
     queue = deque(items)
     pending: dict = {}
     idle = list(actors)
@@ -183,6 +184,20 @@ def run_on_actors(
         bar.close()
         for actor in actors:
             ray.kill(actor)
+
+
+class _Actor:
+    """A job on a Ray worker: set up once, then one shard a call. The worker declares one CPU, so
+    torch, where the job uses it, is held to one thread (the local engine uses the machine's)."""
+
+    def __init__(self, job_class: type, init: tuple):
+        self.job = job_class(*init)
+        torch = sys.modules.get("torch")
+        if torch is not None:
+            torch.set_num_threads(1)
+
+    def run(self, url: str, name: str) -> dict:
+        return self.job.run(url, name)
 
 
 def _get(ray, ref, url: str):

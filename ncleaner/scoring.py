@@ -13,7 +13,7 @@ import json
 import logging
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -24,10 +24,10 @@ import torch
 from tqdm.auto import tqdm
 
 from .backbone import resolve_device
-from .decode import DEFAULT_MAX_IMAGE_PIXELS, default_workers
+from .decode import DEFAULT_MAX_IMAGE_PIXELS
 from .embeddings import ShardFeatures, model_features, open_for_model
-from .engine import ShardJob, check_engine, run_shard_jobs, worker_device
-from .errors import NcleanerError, settle_unreadable
+from .engine import DEFAULT_RUN, RunOptions, ShardJob, ShardTally, check_on_bad_shard, run_shard_jobs, worker_device
+from .errors import NcleanerError
 from .model import NcleanerModel
 from .schema import SCORE_COLUMNS, failed_marker, read_report_part, report_paths, report_schema
 from .shards import expand_shards, shard_names
@@ -37,17 +37,13 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass
-class ScoreResult:
-    """What ``score`` did: rows per status, shards scored now, before, or not at all."""
+class ScoreResult(ShardTally):
+    """What ``score`` did: the report's rows, and per shard what ``ShardTally`` counts (scored
+    now, before, or not at all)."""
 
     report_dir: Path
     model_id: str
     rows: int = 0
-    statuses: Counter = field(default_factory=Counter)
-    scored_shards: list[str] = field(default_factory=list)
-    done_before: list[str] = field(default_factory=list)
-    unreadable_shards: dict[str, str] = field(default_factory=dict)
-    truncated_shards: list[str] = field(default_factory=list)
 
 
 def score(
@@ -63,12 +59,8 @@ def score(
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
     embeddings: str | Path | None = None,
     embeddings_backbone: str | None = None,
-    workers: int | None = None,
-    progress: bool = False,
     allow_download: bool = False,
-    engine: str = "local",
-    ray_address: str | None = None,
-    ray_actors_per_gpu: int = 1,
+    run: RunOptions = DEFAULT_RUN,
 ) -> ScoreResult:
     """Score every pair of ``shards`` with the model in ``model_dir``; write the report to ``out_dir``.
 
@@ -77,7 +69,6 @@ def score(
         model_dir: a model directory written by ``fit``.
         out_dir: the report directory (one Parquet part and one marker per shard).
         batch_size: pairs encoded at a time.
-        device: ``cpu``, ``cuda``, ``cuda:N`` or ``auto``.
         overwrite: re-score shards the report already holds, and accept a report
             directory holding another model's parts.
         keep_json_fields: json fields copied into the report as text columns.
@@ -88,21 +79,13 @@ def score(
             scored from their stored features; the others are encoded and added to it.
         embeddings_backbone: the backbone that wrote ``embeddings`` when it has no
             ``embeddings.json`` (clip-retrieval's own output).
-        workers: decoding processes (None: one per core, at most one per shard; 0: decode in
-            this process). The report does not depend on it.
-        progress: show one progress bar over the pairs of all shards.
         allow_download: let open_clip download the backbone the model names (see ``NcleanerModel.load``).
-        engine: ``local`` (this process and its decoding workers) or ``ray``: one work item per
-            shard on a Ray cluster, each scored and written by a worker holding the model
-            (``ncleaner.ray_engine``). The report is the same either way.
-        ray_address: with ``engine="ray"``: None starts a local Ray for the run, ``auto`` joins
-            the cluster ``ray start`` made on this machine, ``HOST:PORT`` another one.
-        ray_actors_per_gpu: with ``engine="ray"`` on GPUs, workers sharing each GPU (each decodes
-            on its own CPU: more of them feed a fast GPU better; docs/design.md section 12).
+        run: where and how it runs (``RunOptions``: engine, device, workers, progress). On Ray
+            each shard is scored and written by a worker holding the model; the report is the
+            same either way.
     """
-    if on_bad_shard not in ("fail", "skip"):
-        raise NcleanerError(f"--on-bad-shard {on_bad_shard}: must be fail or skip")
-    check_engine(engine, ray_address)
+    check_on_bad_shard(on_bad_shard)
+    run.check()
     urls = expand_shards(shards)
     names = shard_names(urls)
     report_schema(keep_json_fields)  # refuses a kept field that would overwrite a column, before any work
@@ -116,7 +99,7 @@ def score(
         raise output_error(out, exc) from exc
     remove_stale_partials(out)
     # On Ray the workers score; here the model only names the report (model_id) and the embeddings it fits.
-    here = torch.device("cpu") if engine == "ray" else resolve_device(device)
+    here = torch.device("cpu") if run.on_ray else resolve_device(run.device)
     model = NcleanerModel.load(model_dir, here, allow_download=allow_download)
     if not overwrite:
         _refuse_other_models(out, model.model_id)
@@ -133,9 +116,9 @@ def score(
     store = None
     if embeddings is not None:
         store = open_for_model(embeddings, model.config, create=True, assume_backbone=embeddings_backbone)
-    if engine == "ray":
+    if run.on_ray:
         options = {
-            "device": device,
+            "device": run.device,
             "allow_download": allow_download,
             "batch_size": batch_size,
             "max_image_pixels": max_image_pixels,
@@ -145,24 +128,21 @@ def score(
             ScoreJob,
             (str(Path(model_dir).resolve()), str(out.resolve()), store, options),
             todo,
-            ray_address=ray_address,
-            device=device,
-            actors_per_gpu=ray_actors_per_gpu,
-            progress=progress,
+            run=run,
             desc=f"scoring {len(todo)} shard(s) on Ray",
         )
         for _, name in todo:  # in input order, as the local engine counts them
             record_shard(result, answers[name], out, name, on_bad_shard=on_bad_shard)
         return result
     # One bar for the whole pool: the total is unknown until every shard is read, so it counts pairs.
-    bar = tqdm(unit="pair", disable=not progress, dynamic_ncols=True, desc=f"scoring {len(todo)} shard(s)")
+    bar = tqdm(unit="pair", disable=not run.progress, dynamic_ncols=True, desc=f"scoring {len(todo)} shard(s)")
     stream = model_features(
         model,
         [u for u, _ in todo],
         [n for _, n in todo],
         store=store,
         batch_size=batch_size,
-        workers=default_workers(len(todo)) if workers is None else workers,
+        workers=run.decode_workers(len(todo)),
         max_pixels=max_image_pixels,
         progress=bar.update,
     )
@@ -238,15 +218,10 @@ def record_shard(result: ScoreResult, done: dict, out_dir: Path, name: str, *, o
     An unreadable shard stops the run (``fail``) or is recorded as ``_<shard>.failed.json``
     and left for the next run to try again (``skip``).
     """
-    url = done["shard"]
-    if settle_unreadable(done, on_bad_shard, result.unreadable_shards, logger):
-        write_json(failed_marker(out_dir, name), {"shard": url, "reason": done["error"]})
-        return
-    result.scored_shards.append(url)
-    result.rows += done["rows"]
-    result.statuses.update(done["statuses"])
-    if done["damage"]:
-        result.truncated_shards.append(url)
+    if result.count(done, on_bad_shard=on_bad_shard, log=logger):
+        result.rows += done["rows"]
+    else:
+        write_json(failed_marker(out_dir, name), {"shard": done["shard"], "reason": done["error"]})
 
 
 def _already_scored(out: Path, url: str, name: str, model_id: str, overwrite: bool, result: ScoreResult) -> bool:

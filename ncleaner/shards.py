@@ -415,6 +415,17 @@ def _open_remote(url: str):
     return gopen(url, "rb")
 
 
+def shard_fingerprint(url: str) -> list[int] | None:
+    """A local shard's size and modification time: what a part made from it (embeddings, dedup
+    hashes) is trusted by without reading the shard again; None for a URL or ``pipe:`` spec,
+    which is read and checked instead."""
+    try:
+        st = os.stat(url)
+    except (OSError, ValueError):
+        return None
+    return [st.st_size, st.st_mtime_ns]
+
+
 def read_shard(url: str) -> ShardReader:
     """The samples of one shard, in order (see ``ShardReader`` for truncated shards)."""
     return ShardReader(url)

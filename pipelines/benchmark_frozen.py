@@ -48,6 +48,7 @@ from pretrain_backbone import PretrainSettings, checkpoint, train_contrastive, z
 
 from ncleaner.config import DisNCLConfig  # noqa: E402
 from ncleaner.embeddings import embed  # noqa: E402
+from ncleaner.engine import RunOptions  # noqa: E402
 from ncleaner.evaluate import detection_by_kind, detection_metrics, noise_kinds_from_file, truth_from_file  # noqa: E402
 from ncleaner.fitting import fit  # noqa: E402
 from ncleaner.noise import TRUTH_FILE, inject_noise  # noqa: E402
@@ -112,15 +113,15 @@ def run_pool(pool: Pool, methods: tuple[str, ...], work: Path, base: DisNCLConfi
     noisy_dir = work / "noisy" / tag
     inject_noise(str(work / "clean" / pool.name), noisy_dir, rate=pool.rate, seed=pool.seed, mode=pool.mode, force=True)
     store = work / "embeddings" / tag
-    embed(str(noisy_dir), store, backbone=base.backbone, pretrained=backbone, workers=0)
+    embed(str(noisy_dir), store, backbone=base.backbone, pretrained=backbone, run=RunOptions(workers=0))
     rows = []
     for method in methods:
         config = replace(base, seed=pool.seed, **FROZEN_METHODS[method])
         model_dir, report_dir = work / "models" / tag / _slug(method), work / "reports" / tag / _slug(method)
         start = time.perf_counter()
-        fit(str(noisy_dir), model_dir, config, force=True, embeddings=store, workers=0)
+        fit(str(noisy_dir), model_dir, config, force=True, embeddings=store, run=RunOptions(workers=0))
         fit_seconds = time.perf_counter() - start
-        score(str(noisy_dir), model_dir, report_dir, overwrite=True, embeddings=store, workers=0)
+        score(str(noisy_dir), model_dir, report_dir, overwrite=True, embeddings=store, run=RunOptions(workers=0))
         report = read_report(report_dir)
         noisy = truth_from_file(report, noisy_dir / TRUTH_FILE)
         if method == NCR:

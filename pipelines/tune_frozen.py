@@ -24,6 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ncleaner.config import DisNCLConfig  # noqa: E402
+from ncleaner.engine import RunOptions  # noqa: E402
 from ncleaner.evaluate import (  # noqa: E402
     detection_by_kind,
     detection_metrics,
@@ -49,8 +50,15 @@ def evaluate_variant(work: Path, pools: list[str], overrides: dict, scratch: Pat
             backbone="ncleaner-tiny", pretrained=checkpoint, train_backbone="none", seed=seed
         ).with_overrides(overrides)
         noisy_dir = work / "noisy" / tag
-        fit(str(noisy_dir), scratch / "model", config, force=True, embeddings=store, workers=0)
-        score(str(noisy_dir), scratch / "model", scratch / "report", overwrite=True, embeddings=store, workers=0)
+        fit(str(noisy_dir), scratch / "model", config, force=True, embeddings=store, run=RunOptions(workers=0))
+        score(
+            str(noisy_dir),
+            scratch / "model",
+            scratch / "report",
+            overwrite=True,
+            embeddings=store,
+            run=RunOptions(workers=0),
+        )
         report = read_report(scratch / "report")
         noisy = truth_from_file(report, noisy_dir / TRUTH_FILE)
         kinds = noise_kinds_from_file(report, noisy_dir / TRUTH_FILE)

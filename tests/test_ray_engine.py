@@ -12,18 +12,22 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import random
 import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import run_cli
+from conftest import MESSY_STATUSES, run_cli
 
-from ncleaner.engine import check_engine
-from ncleaner.errors import NcleanerError
-from ncleaner.writer import ShardPiece, ShardSink, shard_layout, write_shard_from_pieces
+from ncleaner.engine import DEFAULT_RUN, RunOptions, ShardJob, ShardTally, check_engine, run_shard_jobs
+from ncleaner.errors import NcleanerError, UnreadableShard
+from ncleaner.schema import OK
+from ncleaner.shards import expand_shards, read_shard, shard_names
+from ncleaner.writer import ShardPiece, ShardSink, shard_layout, write_json, write_shard_from_pieces
 
 HAS_RAY = importlib.util.find_spec("ray") is not None
 needs_ray = pytest.mark.skipif(not HAS_RAY, reason="Ray is not installed (pip install 'ncleaner[ray]'; make test does)")
@@ -163,6 +167,65 @@ def local_report(pool, small_model, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("local") / "report"
     run_cli("score", *pool, "--model", small_model, "--out", out, "--batch-size", "8", "--workers", "0", "-q")
     return out
+
+
+# -- a new stage on both engines, with no edit of the engine modules ----------------------------
+# The smallest per-shard stage, as docs/design.md section 12 shows it: each shard's samples per
+# reader status, written by the worker as OUT/<shard>.json and counted by the driver.
+
+
+class CountJob(ShardJob):
+    def _setup(self, out_dir: str) -> None:
+        self.out = Path(out_dir)
+
+    def _shard(self, url: str, name: str) -> dict:
+        try:
+            reader = read_shard(url)
+            statuses = Counter(raw.problem or OK for raw in reader)
+        except UnreadableShard as exc:
+            return {"shard": url, "error": str(exc)}
+        answer = {"shard": url, "statuses": dict(statuses), "damage": reader.damage}
+        write_json(self.out / f"{name}.json", answer)
+        return answer
+
+
+def count_samples(shards, out_dir: Path, *, on_bad_shard: str = "fail", run: RunOptions = DEFAULT_RUN) -> ShardTally:
+    urls = expand_shards(shards)
+    todo = list(zip(urls, shard_names(urls), strict=True))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    answers = run_shard_jobs(CountJob, (str(out_dir),), todo, run=run, desc="counting")
+    tally = ShardTally()
+    for _, name in todo:  # in input order, whatever order the workers finished in
+        tally.count(answers[name], on_bad_shard=on_bad_shard, log=logging.getLogger("count"))
+    return tally
+
+
+@pytest.fixture(scope="module")
+def pool_with_junk(pool, tmp_path_factory) -> list[str]:
+    junk = tmp_path_factory.mktemp("junk") / "junk.tar"
+    junk.write_bytes(b"not a tar archive" * 100)
+    return [*pool, str(junk)]
+
+
+def test_a_new_stage_runs_locally_with_the_one_tally(pool_with_junk, tmp_path):
+    tally = count_samples(pool_with_junk, tmp_path / "local", on_bad_shard="skip")
+    assert sum(tally.statuses.values()) == 96 + len(MESSY_STATUSES) and tally.statuses[OK] > 96
+    urls = expand_shards(pool_with_junk)
+    assert tally.done_now == urls[:-1] and not tally.truncated_shards
+    assert list(tally.unreadable_shards) == urls[-1:] and "junk.tar" in tally.unreadable_shards[urls[-1]]
+    with pytest.raises(UnreadableShard, match="junk.tar"):
+        count_samples(pool_with_junk, tmp_path / "fails")
+
+
+@needs_ray
+def test_a_new_stage_runs_on_ray_as_it_runs_locally(ray_session, pool_with_junk, tmp_path):
+    import ray.cloudpickle
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray's workers cannot import tests/
+    local = count_samples(pool_with_junk, tmp_path / "local", on_bad_shard="skip")
+    on_ray = count_samples(pool_with_junk, tmp_path / "ray", on_bad_shard="skip", run=RunOptions(engine="ray"))
+    assert on_ray == local
+    assert _files(tmp_path / "ray") == _files(tmp_path / "local") and len(_files(tmp_path / "ray")) == 4
 
 
 @needs_ray

@@ -20,6 +20,7 @@ from ncleaner import DisNCLConfig
 from ncleaner.backbone import build_backbone
 from ncleaner.embeddings import embed
 from ncleaner.encode import encode_text
+from ncleaner.engine import RunOptions
 from ncleaner.fitting import Reservoir, fit
 from ncleaner.scoring import score
 from ncleaner.synthetic import write_synthetic_shards
@@ -98,8 +99,10 @@ def test_embed_resumes_shard_by_shard(embedded, pool, tiny_checkpoint, tmp_path)
     shutil.copytree(embedded, copy)
     (copy / "metadata" / "metadata_00001.parquet").unlink()  # as if killed before this part was complete
     before = (copy / "img_emb" / "img_emb_00000.npy").stat().st_mtime_ns
-    result = embed(str(pool), copy, backbone="ncleaner-tiny", pretrained=str(tiny_checkpoint), workers=0)
-    assert [Path(u).name for u in result.embedded_shards] == ["00001.tar"]
+    result = embed(
+        str(pool), copy, backbone="ncleaner-tiny", pretrained=str(tiny_checkpoint), run=RunOptions(workers=0)
+    )
+    assert [Path(u).name for u in result.done_now] == ["00001.tar"]
     assert len(result.done_before) == 2
     assert (copy / "img_emb" / "img_emb_00000.npy").stat().st_mtime_ns == before
     for side in ("img_emb/img_emb_00001.npy", "text_emb/text_emb_00001.npy"):
@@ -156,7 +159,7 @@ def test_score_with_embeddings_encodes_changed_and_missing_shards_again(
         (emb / sub / f"{name}_00002.{suffix}").unlink()  # this shard is not embedded yet
 
     counted = _count_encoded(monkeypatch)
-    result = score(str(shards), frozen_model, tmp_path / "report", embeddings=emb, workers=0)
+    result = score(str(shards), frozen_model, tmp_path / "report", embeddings=emb, run=RunOptions(workers=0))
     # The changed shard and the missing one were encoded; the untouched one was read from EMB.
     assert sum(counted) == 80 and result.statuses == {"ok": 120}
     assert "00000.tar: part 00000 of" in caplog.text and "1 sample(s) changed" in caplog.text
@@ -166,7 +169,7 @@ def test_score_with_embeddings_encodes_changed_and_missing_shards_again(
     meta = pd.read_parquet(emb / "metadata" / "metadata_00000.parquet")
     assert meta.loc[meta["image_path"] == first, "caption"].item() == "a caption written after the embeddings were"
     assert (emb / "metadata" / "metadata_00002.parquet").is_file()
-    score(str(shards), frozen_model, tmp_path / "again", embeddings=emb, workers=0)
+    score(str(shards), frozen_model, tmp_path / "again", embeddings=emb, run=RunOptions(workers=0))
     assert sum(counted) == 80
 
 
@@ -309,7 +312,7 @@ def test_fit_trains_on_a_uniform_sample_of_max_fit_pairs(pool, tiny_checkpoint, 
         str(pool),
         tmp_path / "model",
         DisNCLConfig(pretrained=str(tiny_checkpoint), epochs=1, warmup_epochs=0, batch_size=16, max_fit_pairs=50),
-        workers=0,
+        run=RunOptions(workers=0),
     )
     # A frozen backbone is not trained again after the self-check, so its slice stays out of training.
     assert result.pairs_used + result.pairs_held_out == 50 and result.pairs_held_out > 0
