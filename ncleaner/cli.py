@@ -15,7 +15,7 @@ import click
 from click.core import ParameterSource
 
 from . import __version__
-from .config import DEFAULT_MAX_IMAGE_PIXELS, DERIVED_FIELDS, PRECISIONS, DisNCLConfig
+from .config import DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_NEAR_SIMILARITY, DERIVED_FIELDS, PRECISIONS, DisNCLConfig
 from .engine import ENGINES, RunOptions
 from .errors import NcleanerError, first_line, printable
 from .schema import OK, SCORE_COLUMNS, TRUNCATED_SHARD
@@ -540,6 +540,14 @@ def embed(shards, backbone, pretrained, out_dir, batch_size, precision, on_bad_s
     help="File of keys to reject whatever the rule says (same format as --keep-keys).",
 )
 @click.option(
+    "--dedup",
+    "dedup_dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Directory ncleaner dedup wrote for these shards: reject every sample whose group's representative "
+    "is another (reason 'duplicate').",
+)
+@click.option(
     "--dry-run",
     is_flag=True,
     help="Print what the rule would keep and reject, per reason and per shard, from the report; write nothing.",
@@ -570,6 +578,7 @@ def filter_cmd(
     rejected_subset_out,
     keep_keys,
     reject_keys,
+    dedup_dir,
     dry_run,
     maxcount,
     force,
@@ -602,6 +611,7 @@ def filter_cmd(
         rejected_subset_out=rejected_subset_out,
         keep_keys=keep_keys,
         reject_keys=reject_keys,
+        dedup=dedup_dir,
         dry_run=dry_run,
         maxcount=maxcount,
         force=force,
@@ -722,6 +732,84 @@ def inspect_cmd(shards, report_dir, out, threshold, keep_fraction, auto, column,
             else ""
         )
         + _shard_notes(result.unreadable_shards, [])
+    )
+
+
+@main.command()
+@click.argument("shards", nargs=-1, required=True)
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Dedup directory to write.")
+@click.option(
+    "--near/--no-near",
+    default=True,
+    show_default=True,
+    help="Also group near duplicates: re-encoded, resized or slightly cropped copies (perceptual hash).",
+)
+@click.option(
+    "--near-similarity",
+    type=click.FloatRange(0, 1, min_open=True),
+    default=DEFAULT_NEAR_SIMILARITY,
+    show_default=True,
+    help="Share of the 256 perceptual-hash bits two near duplicates agree in.",
+)
+@click.option(
+    "--semantic",
+    "semantic_threshold",
+    type=click.FloatRange(-1, 1),
+    default=None,
+    help="Also group pictures whose image embeddings (--embeddings) have at least this cosine "
+    "(SemDeDup: distinct pictures of one thing, by design). Off by default.",
+)
+@click.option(
+    "--embeddings",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Embeddings directory (ncleaner embed) of these shards, for --semantic.",
+)
+@click.option(
+    "--report",
+    "report_dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="A report of these shards: each group keeps its best score (default: the first in shard order).",
+)
+@bad_shard_option
+@max_pixels_option
+@verbosity
+@run_options("engine", "ray_address")
+@user_errors
+def dedup(shards, out_dir, near, near_similarity, semantic_threshold, embeddings, report_dir, on_bad_shard,
+          max_image_pixels, run):  # fmt: skip
+    """Find the samples of SHARDS that repeat another's picture, and the one of each group to keep.
+
+    \b
+    Writes OUT/<shard>.parquet, one row per sample: image_sha256, dup_group, duplicate_of (shard and
+    key of the group's representative), dup_kind (exact, near, semantic) and dup_similarity.
+    filter --dedup OUT then rejects every duplicate. Hashes are kept, so a re-run over more shards
+    hashes only the new ones; the grouping is always over the whole pool given.
+    """
+    from .dedup import dedup as run_dedup
+
+    result = run_dedup(
+        shards,
+        out_dir,
+        near=near,
+        near_similarity=near_similarity,
+        semantic_threshold=semantic_threshold,
+        embeddings=embeddings,
+        report=report_dir,
+        max_image_pixels=max_image_pixels,
+        on_bad_shard=on_bad_shard,
+        run=run,
+    )
+    found = sum(result.duplicates.values())
+    kinds = ", ".join(f"{result.duplicates[k]} {k}" for k in ("exact", "near", "semantic") if result.duplicates[k])
+    click.echo(
+        f"dedup {result.out_dir}: {result.rows} samples from {len(result.done_now)} shard(s)"
+        f" ({len(result.rehashed)} hashed now): {found} duplicate(s) in {result.groups} group(s)"
+        + (f" ({kinds})" if kinds else "")
+        + _not_ok_note(result.statuses, "not compared")
+        + _shard_notes(result.unreadable_shards, result.truncated_shards)
+        + (f"; filter --dedup {result.out_dir} rejects them" if found else "")
     )
 
 

@@ -21,6 +21,9 @@ DERIVED_FIELDS = ("embed_dim", "pretrained_sha256", "version")
 # dataset needs and below Pillow's own warning limit; a 33 KB PNG can declare 144 megapixels
 # and take 0.7 GB to decode.
 DEFAULT_MAX_IMAGE_PIXELS = 64_000_000
+# dedup's near duplicates: the share of 256 perceptual-hash bits two copies of one picture agree
+# in (measured in pipelines/benchmark_dedup.py; ncleaner.dedup says how they are hashed).
+DEFAULT_NEAR_SIMILARITY = 0.82
 
 # The JSON values each field annotation accepts, and how a message names them. The keys are the
 # annotations as written (this module's annotations are strings); int is no bool, a float may be an int.

@@ -25,6 +25,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from . import schema
+from .dedup import load_duplicates
 from .engine import DEFAULT_RUN, RunOptions, ShardTally, check_on_bad_shard, ray_tasks
 from .errors import NcleanerError, UnreadableShard
 from .rules import (
@@ -79,6 +80,7 @@ class FilterResult:
     # Per input shard: {"input": n, "kept": n, "kept_by_override": n, "rejected_by_reason": {...}}.
     per_shard: dict[str, dict] = field(default_factory=dict)
     where: str | None = None  # the --where predicate ANDed with the rule
+    dedup: Path | None = None  # the dedup directory whose duplicates were rejected
     dry_run: bool = False
 
 
@@ -97,6 +99,7 @@ def filter_shards(
     rejected_subset_out: str | Path | None = None,
     keep_keys: str | Path | None = None,
     reject_keys: str | Path | None = None,
+    dedup: str | Path | None = None,
     dry_run: bool = False,
     maxcount: int = 10_000,
     force: bool = False,
@@ -120,6 +123,9 @@ def filter_shards(
         keep_keys: a file of keys (``KEY`` or ``SHARD<TAB>KEY`` a line) to keep whatever the rule
             says; a sample with a non-ok status stays rejected (see ``resolve_overrides``).
         reject_keys: likewise, keys to reject whatever the rule says.
+        dedup: a directory ``ncleaner dedup`` wrote for these shards: every sample whose group's
+            representative is another is rejected with the reason ``duplicate`` (``--keep-keys``
+            still keeps one it names).
         dry_run: only count what the rule (and the key lists) would keep and reject, per reason
             and per shard, from the report alone; no shard is read and nothing is written. The
             outputs are still checked, so a dry run fails where the real run would refuse them.
@@ -144,6 +150,8 @@ def filter_shards(
     reports, skipped = load_shard_reports(report_dir, urls, on_bad_shard=on_bad_shard)
     rule = make_rule(list(reports.values()), threshold=threshold, keep_fraction=keep_fraction, auto=auto, column=column)
     plan = resolve_overrides(reports, keep_keys=keep_keys, reject_keys=reject_keys)
+    dedup = Path(dedup) if dedup is not None else None
+    duplicates = load_duplicates(dedup, reports) if dedup is not None else {}
     outcomes = {
         url: route(
             report,
@@ -151,6 +159,7 @@ def filter_shards(
             keep_rows=plan.keep.get(url, set()),
             reject_rows=plan.reject.get(url, set()),
             where=where,
+            duplicate_rows=duplicates.get(url, set()),
         )
         for url, report in reports.items()
     }
@@ -173,7 +182,9 @@ def filter_shards(
             if d is not None:
                 replaceable_entries(Path(d), force=force, owned=owned)
         per_shard = {url: _shard_counts(outcomes[url]) for url in urls if url not in skipped}
-        return _result(Path(out_dir), rule, per_shard, plan, unreadable_shards=skipped, where=where, dry_run=True)
+        return _result(
+            Path(out_dir), rule, per_shard, plan, unreadable_shards=skipped, where=where, dedup=dedup, dry_run=True
+        )
 
     per_shard: dict[str, dict] = {}
     tally = ShardTally(unreadable_shards=skipped)
@@ -204,6 +215,7 @@ def filter_shards(
             plan,
             unreadable_shards=skipped,
             where=where,
+            dedup=dedup,
             truncated_shards=tally.truncated_shards,
             kept_shards=[str(Path(out_dir) / p.name) for p in kept_paths],
             rejected_shards=[str(Path(rejected_out) / p.name) for p in rejected_paths],
@@ -448,6 +460,7 @@ def _manifest(result: FilterResult, urls, report_dir: Path, reports, rejected_ou
         "overrides": result.overrides,
         "model_id": model_ids[0] if model_ids else None,
         "report": str(report_dir),
+        "dedup": str(result.dedup) if result.dedup is not None else None,
         "kept_shards": _names(result.kept_shards),
         "rejected_out": str(rejected_out) if rejected_out is not None else None,
         "rejected_shards": _names(result.rejected_shards),

@@ -29,12 +29,14 @@ logger = logging.getLogger(__name__)
 
 
 # What ``route`` makes of a row: kept by the rule, kept because --keep-keys names it, or the
-# reason it is rejected: ``below_threshold``, ``where`` (kept by the rule, not by --where), ``override``
-# (named by --reject-keys), or its status.
+# reason it is rejected: ``below_threshold``, ``where`` (kept by the rule, not by --where),
+# ``duplicate`` (kept by the rule, but --dedup names another sample as its group's
+# representative), ``override`` (named by --reject-keys), or its status.
 KEPT = "kept"
 KEPT_BY_OVERRIDE = "kept_by_override"
 BELOW_THRESHOLD = "below_threshold"
 WHERE = "where"
+DUPLICATE = "duplicate"
 OVERRIDE = "override"
 
 
@@ -234,14 +236,17 @@ def route(
     keep_rows: set[int] | frozenset = frozenset(),
     reject_rows: set[int] | frozenset = frozenset(),
     where: str | None = None,
+    duplicate_rows: set[int] | frozenset = frozenset(),
 ) -> list[str]:
     """What becomes of each row of one shard's report: ``KEPT``, ``KEPT_BY_OVERRIDE``, or the
-    reason it is rejected (``BELOW_THRESHOLD``, ``WHERE``, ``OVERRIDE``, or its non-ok status).
+    reason it is rejected (``BELOW_THRESHOLD``, ``WHERE``, ``DUPLICATE``, ``OVERRIDE``, or its
+    non-ok status).
 
-    ``where`` (``filter --where``) is a SQL predicate over the report's columns, ANDed with the
-    rule: a row the rule keeps but the predicate does not is rejected as ``WHERE``. An override
-    counts only where it changes that decision: a listed sample already kept (or rejected) keeps
-    its plain outcome.
+    ``where`` (``filter --where``) is a SQL predicate over the report's columns, and
+    ``duplicate_rows`` (``filter --dedup``) the rows that repeat another sample; both are ANDed
+    with the rule, in that order: a row the rule keeps but the predicate does not is rejected as
+    ``WHERE``, one it keeps that is a duplicate as ``DUPLICATE``. An override counts only where it
+    changes that decision: a listed sample already kept (or rejected) keeps its plain outcome.
     """
     outcomes = []
     values = report[rule.column].tolist()
@@ -251,10 +256,13 @@ def route(
             outcomes.append(status)  # no usable pair: no list can keep it
             continue
         by_rule = rule.keep(status, values[i])
-        if by_rule and (holds is None or holds[i]):
+        reason = BELOW_THRESHOLD if not by_rule else WHERE if holds is not None and not holds[i] else None
+        if reason is None and i in duplicate_rows:
+            reason = DUPLICATE
+        if reason is None:
             outcomes.append(OVERRIDE if i in reject_rows else KEPT)
         else:
-            outcomes.append(KEPT_BY_OVERRIDE if i in keep_rows else BELOW_THRESHOLD if not by_rule else WHERE)
+            outcomes.append(KEPT_BY_OVERRIDE if i in keep_rows else reason)
     return outcomes
 
 

@@ -377,3 +377,77 @@ def write_synthetic_shards(
                 }
             )
     return [str(p) for p in sink.paths]
+
+
+# How write_shards_with_duplicates makes a copy of a picture: what a crawl finds again under
+# another URL (the same file, saved again, scaled, cropped at the borders).
+COPY_EDITS = ("exact", "reencode", "resize", "crop")
+
+
+def copy_of(jpeg: bytes, edit: str, rng: np.random.Generator) -> bytes:
+    """A copy of the picture in ``jpeg`` made by ``edit`` (``COPY_EDITS``), as JPEG bytes: the same
+    bytes, saved again at quality 50-80, scaled to 50-80 % of its side, or cropped by 4-10 % of
+    each side."""
+    if edit == "exact":
+        return jpeg
+    image = Image.open(io.BytesIO(jpeg)).convert("RGB")
+    quality = 85
+    if edit == "reencode":
+        quality = int(rng.integers(50, 81))
+    elif edit == "resize":
+        scale = rng.uniform(0.5, 0.8)
+        image = image.resize((max(8, round(image.width * scale)), max(8, round(image.height * scale))), Image.BICUBIC)
+    elif edit == "crop":
+        m = rng.uniform(0.04, 0.10)
+        w, h = image.size
+        image = image.crop((round(w * m), round(h * m), round(w * (1 - m)), round(h * (1 - m))))
+    else:
+        raise ValueError(f"unknown edit {edit!r} (one of {', '.join(COPY_EDITS)})")
+    buf = io.BytesIO()
+    image.save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def write_shards_with_duplicates(
+    out_dir: str | os.PathLike,
+    n_distinct: int,
+    n_copies: int,
+    shard_size: int,
+    seed: int,
+    generator: SceneGenerator | None = None,
+    edits: tuple[str, ...] = COPY_EDITS,
+) -> dict[str, tuple[str, str]]:
+    """Render ``n_distinct`` pairs, add ``n_copies`` copies of randomly chosen ones (each by an edit
+    of ``edits``, with the original's caption), shuffle, and write shards. Returns the truth: per
+    copy's key, (its original's key, the edit). The same arguments always give the same bytes."""
+    generator = generator or SceneGenerator()
+    rng = np.random.default_rng(seed)
+    samples = []
+    for _ in range(n_distinct):
+        image, caption = generator.render(rng)
+        buf = io.BytesIO()
+        image.save(buf, format="JPEG", quality=90)
+        samples.append((buf.getvalue(), caption, None))
+    for _ in range(n_copies):
+        original = int(rng.integers(n_distinct))
+        edit = edits[int(rng.integers(len(edits)))]
+        samples.append((copy_of(samples[original][0], edit, rng), samples[original][1], (original, edit)))
+    order = rng.permutation(len(samples))
+    key_of = {int(i): f"{pos // shard_size:05d}{pos % shard_size:04d}" for pos, i in enumerate(order)}
+    truth = {}
+    with ShardSink(out_dir, maxcount=shard_size) as sink:
+        for i in order.tolist():
+            jpeg, caption, copied = samples[i]
+            key = key_of[i]
+            if copied is not None:
+                truth[key] = (key_of[copied[0]], copied[1])
+            meta = {"key": key, "url": f"https://example.invalid/ncleaner-dedup/{seed}/{key}.jpg", "caption": caption}
+            sink.write(
+                {
+                    "__key__": key,
+                    "jpg": jpeg,
+                    "txt": caption.encode("utf-8"),
+                    "json": json.dumps(meta, sort_keys=True).encode("utf-8"),
+                }
+            )
+    return truth

@@ -325,3 +325,15 @@ def test_unreachable_ray_address_is_one_line(small_shards, small_model, tmp_path
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and "--ray-address 127.0.0.1:9: no Ray cluster reachable" in lines[0], result.output
     assert not (tmp_path / "r").exists()  # refused before any work
+
+
+@needs_ray
+def test_dedup_on_ray_writes_the_local_parts(ray_session, pool, tmp_path):
+    run_cli("dedup", *pool, "--out", tmp_path / "local", "-q")
+    run_cli("dedup", *pool, "--out", tmp_path / "ray", "--engine", "ray", "-q")
+    parts = sorted(p.name for p in (tmp_path / "local").glob("*.parquet"))
+    assert len(parts) == 4 and parts == sorted(p.name for p in (tmp_path / "ray").glob("*.parquet"))
+    for name in parts:
+        assert pd.read_parquet(tmp_path / "ray" / name).equals(pd.read_parquet(tmp_path / "local" / name)), name
+    assert _files(tmp_path / "ray" / ".hashes").keys() == _files(tmp_path / "local" / ".hashes").keys()
+    assert json.loads((tmp_path / "ray" / "_dedup.json").read_text())["rows"] == 96 + len(MESSY_STATUSES)
