@@ -48,6 +48,7 @@ class Pair:
     meta: dict = field(default_factory=dict)
     image: torch.Tensor | None = None
     image_sha1: str | None = None  # of the image member's bytes: what an embedding or score was computed from
+    size: tuple[int, int] | None = None  # (width, height) from the image's header, where it has one
 
     @property
     def ok(self) -> bool:
@@ -81,6 +82,7 @@ def decode_pair(
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(image_bytes)) as img:
+                pair.size = img.size
                 if img.width * img.height > max_pixels:
                     pair.status = schema.TOO_LARGE
                     return pair
@@ -95,6 +97,18 @@ def decode_pair(
     if pair.ok:
         pair.image = tensor
     return pair
+
+
+def image_size(data: bytes | None) -> tuple[int, int] | None:
+    """(width, height) of an image from its header alone (nothing decoded), or None where there is
+    no image or no readable header: what a report records where the image is not decoded again."""
+    if data is None:
+        return None
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return img.size
+    except Exception:  # PIL raises many types for a file that is not an image
+        return None
 
 
 def decode_stream(

@@ -47,7 +47,7 @@ from tqdm.auto import tqdm
 from . import __version__, schema
 from .backbone import build_backbone, checkpoint_sha256, download_reason, resolve_device
 from .config import DEFAULT_MAX_IMAGE_PIXELS, typed_json
-from .decode import by_shard, decode_blocks
+from .decode import by_shard, decode_blocks, image_size
 from .encode import Encoder
 from .engine import DEFAULT_RUN, RunOptions, ShardJob, ShardTally, check_on_bad_shard, run_shard_jobs, worker_device
 from .errors import NcleanerError, UnreadableShard, first_line
@@ -106,6 +106,7 @@ class ShardFeatures:
     statuses: list[str] = field(default_factory=list)
     metas: list[dict] = field(default_factory=list)
     sha1s: list[str | None] = field(default_factory=list)
+    sizes: list[tuple[int, int] | None] = field(default_factory=list)  # (width, height) per sample
     f_v: np.ndarray | None = None
     f_t: np.ndarray | None = None
     damage: str | None = None
@@ -119,7 +120,7 @@ class ShardFeatures:
     def ok(self) -> np.ndarray:
         return np.array([s == schema.OK for s in self.statuses], dtype=bool)
 
-    def add(self, key, index, caption, url, status, meta, sha1) -> None:
+    def add(self, key, index, caption, url, status, meta, sha1, size) -> None:
         self.keys.append(key)
         self.indices.append(index)
         self.captions.append(caption)
@@ -127,6 +128,7 @@ class ShardFeatures:
         self.statuses.append(status)
         self.metas.append(meta)
         self.sha1s.append(sha1)
+        self.sizes.append(size)
 
     def flag_damage(self) -> None:
         """The cut may have taken members of any sample read from the shard: none is used."""
@@ -281,7 +283,8 @@ class EmbeddingStore:
         try:
             for raw in reader:
                 caption, link, meta, _ = read_text_fields(raw)
-                sha1 = sha1_of(image_member(raw))
+                data = image_member(raw)
+                sha1 = sha1_of(data)
                 stored, row = self._lookup(part, raw.key)
                 if stored is None:
                     absent += 1
@@ -290,7 +293,7 @@ class EmbeddingStore:
                 status = raw.problem or (stored[0] if stored else schema.OK)
                 if status == schema.OK and stored is not None:
                     rows.append(row)
-                out.add(raw.key, raw.index, caption, link, status, meta, sha1)
+                out.add(raw.key, raw.index, caption, link, status, meta, sha1, image_size(data))
         except UnreadableShard as exc:
             return ShardFeatures(shard_index, url, error=str(exc))
         out.damage = reader.damage
@@ -662,7 +665,7 @@ def compute_features(
         )
         for block in group:
             for p in block.pairs:
-                shard.add(p.raw.key, p.raw.index, p.caption, p.url, p.status, p.meta, p.image_sha1)
+                shard.add(p.raw.key, p.raw.index, p.caption, p.url, p.status, p.meta, p.image_sha1, p.size)
         vs = [b.f_v for b in group if b.f_v is not None]
         ts = [b.f_t for b in group if b.f_t is not None]
         shard.f_v = np.concatenate(vs) if vs else np.zeros((0, dim), np.float32)

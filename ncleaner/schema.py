@@ -81,6 +81,14 @@ BASE_FIELDS = [
     *[pa.field(c, pa.float32()) for c in SCORE_COLUMNS],
     pa.field("model_id", pa.string()),
     pa.field("uid", pa.string()),  # the json's uid (DataComp's 128-bit hex id), null when it has none
+    # DataComp's basic-filter inputs (ncleaner.captions): null where the sample has no image header
+    # or no caption.
+    pa.field("width", pa.int64()),
+    pa.field("height", pa.int64()),
+    pa.field("caption_chars", pa.int64()),
+    pa.field("caption_words", pa.int64()),
+    pa.field("language", pa.string()),
+    pa.field("language_prob", pa.float32()),
 ]
 
 
@@ -93,8 +101,17 @@ def report_schema(keep_json_fields: Sequence[str] = ()) -> pa.Schema:
 
 
 # Columns a report part may lack, written by an older ncleaner: filter then checks key and caption
-# only, and has no uid for --subset-out.
-OPTIONAL_COLUMNS = ("image_sha1", "uid")
+# only, has no uid for --subset-out, and --where cannot name the basic-filter columns.
+OPTIONAL_COLUMNS = (
+    "image_sha1",
+    "uid",
+    "width",
+    "height",
+    "caption_chars",
+    "caption_words",
+    "language",
+    "language_prob",
+)
 # Cosines may pass +-1 by float32 rounding; clean_prob is a posterior.
 _RANGES = {"clip_sim": (-1.001, 1.001), "mii_sim": (-1.001, 1.001), "clean_prob": (0.0, 1.0)}
 _KINDS = {

@@ -24,6 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .backbone import resolve_device
+from .captions import caption_columns
 from .decode import DEFAULT_MAX_IMAGE_PIXELS
 from .embeddings import ShardFeatures, model_features, open_for_model
 from .engine import DEFAULT_RUN, RunOptions, ShardJob, ShardTally, check_on_bad_shard, run_shard_jobs, worker_device
@@ -285,6 +286,9 @@ def _report_table(
         **{c: pa.array(v, mask=~ok) for c, v in scores.items()},
         "model_id": [model.model_id] * n,
         "uid": [m.get("uid") if isinstance(m.get("uid"), str) else None for m in features.metas],
+        "width": [None if size is None else size[0] for size in features.sizes],
+        "height": [None if size is None else size[1] for size in features.sizes],
+        **caption_columns(features.captions),
     }
     for f in keep_json_fields:
         values = (m.get(f) for m in features.metas)
