@@ -506,7 +506,13 @@ def embed(shards, backbone, pretrained, out_dir, batch_size, precision, on_bad_s
 
 @main.command(name="filter")
 @click.argument("shards", nargs=-1, required=True)
-@click.option("--report", "report_dir", required=True, type=click.Path(), help="Report directory written by score.")
+@click.option(
+    "--report",
+    "report_dir",
+    type=click.Path(),
+    default=None,
+    help="Report directory written by score (required unless --keep-uids is the whole rule).",
+)
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Directory for kept shards.")
 @rule_options(preview=False)
 @click.option(
@@ -538,6 +544,19 @@ def embed(shards, backbone, pretrained, out_dir, batch_size, precision, on_bad_s
     type=click.Path(dir_okay=False),
     default=None,
     help="File of keys to reject whatever the rule says (same format as --keep-keys).",
+)
+@click.option(
+    "--keep-uids",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="DataComp subset file (.npy of u8,u8, or headerless): keep the samples whose uid it lists whatever the "
+    "rule says; with no --report, it is the whole rule, as in DataComp's resharder.",
+)
+@click.option(
+    "--reject-uids",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="DataComp subset file: reject the samples whose uid it lists whatever the rule says.",
 )
 @click.option(
     "--dedup",
@@ -578,6 +597,8 @@ def filter_cmd(
     rejected_subset_out,
     keep_keys,
     reject_keys,
+    keep_uids,
+    reject_uids,
     dedup_dir,
     dry_run,
     maxcount,
@@ -595,7 +616,11 @@ def filter_cmd(
     from .filtering import filter_shards
     from .rules import describe
 
-    if (threshold is not None) + (keep_fraction is not None) + auto != 1:
+    rules = (threshold is not None) + (keep_fraction is not None) + auto
+    if report_dir is None and keep_uids is not None:
+        if rules:
+            raise click.UsageError("with no --report, --keep-uids is the whole rule: give no other")
+    elif rules != 1:
         raise click.UsageError("give exactly one of --threshold, --keep-fraction or --auto")
     result = filter_shards(
         shards,
@@ -611,6 +636,8 @@ def filter_cmd(
         rejected_subset_out=rejected_subset_out,
         keep_keys=keep_keys,
         reject_keys=reject_keys,
+        keep_uids=keep_uids,
+        reject_uids=reject_uids,
         dedup=dedup_dir,
         dry_run=dry_run,
         maxcount=maxcount,
@@ -622,7 +649,8 @@ def filter_cmd(
     reasons = _reasons(result.rejected_by_reason)
     overridden = (
         f"; {result.kept_by_override} kept and {result.rejected_by_override} rejected by override"
-        if result.overrides.get("keep_keys") or result.overrides.get("reject_keys")
+        if any(result.overrides.get(k) for k in ("keep_keys", "reject_keys", "keep_uids", "reject_uids"))
+        and result.rule.mode != "keep_uids"
         else ""
     )
     if dry_run:
@@ -637,8 +665,7 @@ def filter_cmd(
         )
         return
     click.echo(
-        f"kept {result.kept_count} of {result.input_count} pairs ({rule.column} >= {rule.threshold:.4g}"
-        + (f" and {result.where}) " if result.where else ") ")
+        f"kept {result.kept_count} of {result.input_count} pairs ({describe(rule, result.where)}) "
         + f"in {len(result.kept_shards)} shard(s) under {result.out_dir}; rejected {result.rejected_count}"
         + (f" ({reasons})" if reasons else "")
         + overridden
@@ -927,7 +954,9 @@ def evaluate(
         raise click.UsageError("--retrieval needs --model")
     results = {}
     if report_dir is not None:
-        report = read_report(report_dir)
+        # Only what the metrics read: a pool's captions never need to be in memory for them.
+        needed = ["key", "shard", "index", "status", *SCORE_COLUMNS, truth_field, kind_field]
+        report = read_report(report_dir, columns=needed)
         if truth_file:
             noisy = ev.truth_from_file(report, truth_file)
             kinds, source = ev.noise_kinds_from_file(report, truth_file), f"{truth_file}: column kind"

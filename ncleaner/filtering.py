@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from . import schema
@@ -31,17 +32,22 @@ from .errors import NcleanerError, UnreadableShard
 from .rules import (
     KEPT,
     KEPT_BY_OVERRIDE,
+    NOT_LISTED,
     OVERRIDE,
     OverridePlan,
     ScoredSamples,
     is_kept,
+    listed_rows,
     load_shard_reports,
     make_rule,
+    read_uid_list,
     report_model_ids,
     resolve_overrides,
     route,
+    uid_value,
+    unscored_reports,
 )
-from .schema import Rule
+from .schema import SCORE_COLUMNS, UIDS_RULE, Rule, report_paths
 from .shards import expand_shards, read_shard, shard_names
 from .writer import (
     MANIFEST,
@@ -86,7 +92,7 @@ class FilterResult:
 
 def filter_shards(
     shards: str | Iterable[str],
-    report_dir: str | Path,
+    report_dir: str | Path | None,
     out_dir: str | Path,
     *,
     threshold: float | None = None,
@@ -99,6 +105,8 @@ def filter_shards(
     rejected_subset_out: str | Path | None = None,
     keep_keys: str | Path | None = None,
     reject_keys: str | Path | None = None,
+    keep_uids: str | Path | None = None,
+    reject_uids: str | Path | None = None,
     dedup: str | Path | None = None,
     dry_run: bool = False,
     maxcount: int = 10_000,
@@ -110,7 +118,10 @@ def filter_shards(
 
     Args:
         shards: the SHARDS that were scored (any form ``expand_shards`` takes).
-        report_dir: the report ``score`` wrote for them.
+        report_dir: the report ``score`` wrote for them; None with ``keep_uids`` alone, which is
+            then the whole rule, as in DataComp's resharder: a sample is kept when its json's uid
+            is listed, whatever else it holds (nothing is decoded), and rejected as
+            ``not_listed`` otherwise.
         out_dir: directory for the kept samples' shards and ``manifest.json``.
         threshold, keep_fraction, auto: the rule; give exactly one (see ``make_rule``).
         column: the score column ``threshold`` and ``keep_fraction`` apply to.
@@ -123,6 +134,8 @@ def filter_shards(
         keep_keys: a file of keys (``KEY`` or ``SHARD<TAB>KEY`` a line) to keep whatever the rule
             says; a sample with a non-ok status stays rejected (see ``resolve_overrides``).
         reject_keys: likewise, keys to reject whatever the rule says.
+        keep_uids, reject_uids: DataComp subset files (``rules.read_uid_list``) whose uids are
+            kept or rejected whatever the rule says, as the key lists are.
         dedup: a directory ``ncleaner dedup`` wrote for these shards: every sample whose group's
             representative is another is rejected with the reason ``duplicate`` (``--keep-keys``
             still keeps one it names).
@@ -146,23 +159,41 @@ def filter_shards(
         o, r = Path(out_dir).resolve(), Path(rejected_out).resolve()
         if o == r or o.is_relative_to(r) or r.is_relative_to(o):
             raise NcleanerError(f"{rejected_out}: --rejected-out must be apart from --out (not the same, not nested)")
-    report_dir = Path(report_dir)
-    reports, skipped = load_shard_reports(report_dir, urls, on_bad_shard=on_bad_shard)
-    rule = make_rule(list(reports.values()), threshold=threshold, keep_fraction=keep_fraction, auto=auto, column=column)
-    plan = resolve_overrides(reports, keep_keys=keep_keys, reject_keys=reject_keys)
-    dedup = Path(dedup) if dedup is not None else None
-    duplicates = load_duplicates(dedup, reports) if dedup is not None else {}
-    outcomes = {
-        url: route(
-            report,
-            rule,
-            keep_rows=plan.keep.get(url, set()),
-            reject_rows=plan.reject.get(url, set()),
-            where=where,
-            duplicate_rows=duplicates.get(url, set()),
+    if report_dir is None:
+        reports, skipped, rule, plan, outcomes = _by_uids_alone(
+            urls,
+            keep_uids,
+            on_bad_shard,
+            others={
+                "--threshold": threshold, "--keep-fraction": keep_fraction, "--auto": auto or None, "--where": where,
+                "--keep-keys": keep_keys, "--reject-keys": reject_keys, "--reject-uids": reject_uids, "--dedup": dedup,
+            },
+        )  # fmt: skip
+    else:
+        report_dir = Path(report_dir)
+        # The rule, the overrides and the counts need these columns of the pool; the captions and
+        # hashes route_shard checks are read again one part at a time, as each shard is routed.
+        needs_uid = any(f is not None for f in (subset_out, rejected_subset_out, keep_uids, reject_uids))
+        columns = [*SCORE_COLUMNS, *(["uid"] if needs_uid else []), *(["image_sha1"] if dedup is not None else [])]
+        reports, skipped = load_shard_reports(report_dir, urls, on_bad_shard=on_bad_shard, columns=columns, where=where)
+        rule = make_rule(
+            list(reports.values()), threshold=threshold, keep_fraction=keep_fraction, auto=auto, column=column
         )
-        for url, report in reports.items()
-    }
+        plan = resolve_overrides(
+            reports, keep_keys=keep_keys, reject_keys=reject_keys, keep_uids=keep_uids, reject_uids=reject_uids
+        )
+        dedup = Path(dedup) if dedup is not None else None
+        duplicates = load_duplicates(dedup, reports) if dedup is not None else {}
+        outcomes = {
+            url: route(
+                report,
+                rule,
+                keep_rows=plan.keep.get(url, set()),
+                reject_rows=plan.reject.get(url, set()),
+                duplicate_rows=duplicates.get(url, set()),
+            )
+            for url, report in reports.items()
+        }
 
     # Every uid is read, and a missing one refused, here: before any shard is written.
     subsets = {
@@ -195,15 +226,20 @@ def filter_shards(
         )
         stages = [kept_stage.path, rejected_stage.path if rejected_stage is not None else None]
         todo = [url for url in urls if url not in skipped]
+        if report_dir is None:
+            sources = {url: reports[url] for url in todo}
+        else:
+            names = dict(zip(urls, shard_names(urls), strict=True))
+            sources = {url: str(report_paths(report_dir, names[url])[0]) for url in todo}
         if run.on_ray:
             routed, (kept_paths, rejected_paths) = _route_on_ray(
-                todo, reports, outcomes, stages, maxcount=maxcount, run=run
+                todo, sources, outcomes, stages, maxcount=maxcount, run=run
             )
         else:
             total = sum(len(reports[url]) for url in todo)
             bar = stack.enter_context(tqdm(total=total, unit="pair", desc="filtering", disable=not run.progress))
             routed, (kept_paths, rejected_paths) = _route_locally(
-                todo, reports, outcomes, stages, maxcount=maxcount, on_bad_shard=on_bad_shard, bar=bar
+                todo, sources, outcomes, stages, maxcount=maxcount, on_bad_shard=on_bad_shard, bar=bar
             )
         for url in todo:
             if tally.count(routed[url], on_bad_shard=on_bad_shard, log=logger):
@@ -238,6 +274,22 @@ def filter_shards(
     return result
 
 
+def _by_uids_alone(urls, keep_uids, on_bad_shard: str, *, others: dict):
+    """``filter`` with no report: ``keep_uids`` is the whole rule (see ``filter_shards``)."""
+    if keep_uids is None:
+        raise NcleanerError("filter needs --report (what score wrote), or --keep-uids FILE alone")
+    given = [name for name, value in others.items() if value is not None]
+    if given:
+        raise NcleanerError(f"{given[0]}: needs --report (with no report, --keep-uids is the whole rule)")
+    reports, skipped = unscored_reports(urls, on_bad_shard=on_bad_shard)
+    plan = OverridePlan(keep_uids=str(keep_uids))
+    listed, plan.uids_not_found["keep"] = listed_rows(reports, read_uid_list(keep_uids))
+    if plan.uids_not_found["keep"]:
+        logger.warning("%s: %d uid(s) match no sample of the pool", keep_uids, plan.uids_not_found["keep"])
+    outcomes = {url: [KEPT if i in listed[url] else NOT_LISTED for i in range(len(r))] for url, r in reports.items()}
+    return reports, skipped, UIDS_RULE, plan, outcomes
+
+
 def subset_uids(
     reports: dict[str, pd.DataFrame], outcomes: dict[str, list[str]], *, kept: bool
 ) -> dict[str, list[tuple[int, int]]]:
@@ -255,16 +307,11 @@ def subset_uids(
         for uid, outcome in zip(column, outcomes[url], strict=True):
             if is_kept(outcome) != kept:
                 continue
-            if not isinstance(uid, str):
+            value = uid_value(uid, url)
+            if value is None:
                 missing += 1
                 continue
-            try:
-                value = int(uid, 16)
-            except ValueError:
-                value = -1
-            if not 0 <= value < 1 << 128:
-                raise NcleanerError(f"{url}: uid {uid!r} is not a 128-bit hexadecimal id, as DataComp's are")
-            uids[url].append(divmod(value, 1 << 64))
+            uids[url].append(value)
     if missing:
         side = "kept" if kept else "rejected"
         raise NcleanerError(
@@ -311,7 +358,7 @@ PIECES = ".pieces"
 
 def _route_on_ray(
     urls: list[str],
-    reports: dict,
+    sources: dict,
     outcomes: dict[str, list[str]],
     stages: list[Path | None],
     *,
@@ -319,7 +366,9 @@ def _route_on_ray(
     run: RunOptions,
 ) -> tuple[dict, tuple[list[Path], list[Path]]]:
     """Route ``urls`` on the Ray engine into the kept and rejected staging directories ``stages``
-    (the second may be None); returns what ``_route_locally`` returns.
+    (the second may be None); returns what ``_route_locally`` returns. ``sources``: per shard,
+    where its rows' ``ROUTE_COLUMNS`` are (``route_rows``): a report part's path, which the task
+    reads on storage every node reaches, or the rows themselves.
 
     First a task per input shard writes its kept and rejected samples as pieces (under
     ``STAGE/.pieces/``, ``_route_piece``); then a task per output shard copies its samples'
@@ -336,8 +385,10 @@ def _route_on_ray(
         args = []
         for url in urls:
             pieces = [str(s / PIECES / f"{names[url]}.tar") if s is not None else None for s in stages]
-            report = reports[url][[c for c in ROUTE_COLUMNS if c in reports[url].columns]]
-            args.append((url, report, outcomes[url], pieces))
+            source = sources[url]
+            if not isinstance(source, str):
+                source = source[[c for c in ROUTE_COLUMNS if c in source.columns]]
+            args.append((url, source, outcomes[url], pieces))
         routes = tasks(_route_piece, args, labels=urls, progress=run.progress, desc="filtering on Ray")
         answers = dict(zip(urls, routes, strict=True))
         stitches = []
@@ -358,7 +409,7 @@ def _route_on_ray(
     return routed, (written[0], written[1])
 
 
-def _route_piece(url: str, report: pd.DataFrame, outcomes: list[str], pieces: list[str | None]) -> dict:
+def _route_piece(url: str, source, outcomes: list[str], pieces: list[str | None]) -> dict:
     """A Ray task: route one input shard into a kept and a rejected piece (``route_shard``).
 
     Returns the byte offsets where each sample ends in each piece, whether the shard is
@@ -366,7 +417,7 @@ def _route_piece(url: str, report: pd.DataFrame, outcomes: list[str], pieces: li
     """
     sinks = [ShardPiece(p) for p in pieces if p is not None]
     try:
-        damaged = route_shard(url, report, outcomes, sinks[0], sinks[1] if len(sinks) > 1 else None)
+        damaged = route_shard(url, route_rows(source), outcomes, sinks[0], sinks[1] if len(sinks) > 1 else None)
     except BaseException as exc:
         for sink in sinks:
             sink.abort()
@@ -384,8 +435,9 @@ def _stitch(path: str, ranges: list[tuple]) -> str:
     return str(write_shard_from_pieces(path, ranges))
 
 
-def _route_locally(urls, reports, outcomes, stages, *, maxcount: int, on_bad_shard: str, bar) -> tuple[dict, tuple]:
-    """Route ``urls`` one after the other into one ``ShardSink`` per stage (kept, rejected or None).
+def _route_locally(urls, sources, outcomes, stages, *, maxcount: int, on_bad_shard: str, bar) -> tuple[dict, tuple]:
+    """Route ``urls`` one after the other into one ``ShardSink`` per stage (kept, rejected or None),
+    each shard's rows read from ``sources`` (``route_rows``) as it comes.
 
     Returns, per shard, its answer for ``ShardTally.count`` (the error that made it unreadable,
     or whether it is damaged), and the paths of the kept and rejected shards written. With ``on_bad_shard="fail"`` the
@@ -397,17 +449,28 @@ def _route_locally(urls, reports, outcomes, stages, *, maxcount: int, on_bad_sha
     with kept, rejected or ExitStack():
         for url in urls:
             try:
-                routed[url] = {"shard": url, "damage": route_shard(url, reports[url], outcomes[url], kept, rejected)}
+                rows = route_rows(sources[url])
+                routed[url] = {"shard": url, "damage": route_shard(url, rows, outcomes[url], kept, rejected)}
             except UnreadableShard as exc:
                 if on_bad_shard == "fail":
                     raise
                 routed[url] = {"shard": url, "error": str(exc)}
-            bar.update(len(reports[url]))
+            bar.update(len(outcomes[url]))
     return routed, (kept.paths, rejected.paths if rejected is not None else [])
 
 
-# The report columns ``route_shard`` reads (the Ray engine ships only these to its tasks).
+# The report columns ``route_shard`` reads.
 ROUTE_COLUMNS = ("key", "status", "caption", "image_sha1")
+
+
+def route_rows(source) -> pd.DataFrame:
+    """One shard's report rows as ``route_shard`` reads them: ``ROUTE_COLUMNS`` of a report part
+    (read now, from its path: the pool's captions are never all in memory) or of the rows given.
+    A part written before ncleaner stored image hashes has no ``image_sha1``."""
+    if isinstance(source, str):
+        present = pq.read_schema(source).names
+        return pq.read_table(source, columns=[c for c in ROUTE_COLUMNS if c in present]).to_pandas()
+    return source[[c for c in ROUTE_COLUMNS if c in source.columns]]
 
 
 def route_shard(url: str, report: pd.DataFrame, outcomes: list[str], kept, rejected) -> bool:
@@ -459,7 +522,7 @@ def _manifest(result: FilterResult, urls, report_dir: Path, reports, rejected_ou
         "rejected_by_override": result.rejected_by_override,
         "overrides": result.overrides,
         "model_id": model_ids[0] if model_ids else None,
-        "report": str(report_dir),
+        "report": str(report_dir) if report_dir is not None else None,
         "dedup": str(result.dedup) if result.dedup is not None else None,
         "kept_shards": _names(result.kept_shards),
         "rejected_out": str(rejected_out) if rejected_out is not None else None,

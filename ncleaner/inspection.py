@@ -132,11 +132,11 @@ def inspect_report(
     out = Path(out)
     _check_out(out)
     urls = expand_shards(shards)
-    reports, skipped = load_shard_reports(Path(report_dir), urls, on_bad_shard=on_bad_shard)
+    reports, skipped = load_shard_reports(Path(report_dir), urls, on_bad_shard=on_bad_shard, where=where)
     if threshold is None and keep_fraction is None and not auto:
         auto = True
     rule = make_rule(list(reports.values()), threshold=threshold, keep_fraction=keep_fraction, auto=auto, column=column)
-    pool = _pool(reports, rule, where)
+    pool = _pool(reports, rule)
     if pool.empty:
         raise NcleanerError(f"{report_dir}: the report holds no rows for these shards")
     noisy = _truth(pool, truth_field, truth_file)
@@ -230,13 +230,13 @@ def _check_out(out: Path) -> None:
         raise NcleanerError(f"{out}: exists and was not written by ncleaner inspect; refusing to replace it")
 
 
-def _pool(reports: dict[str, pd.DataFrame], rule: Rule, where: str | None) -> pd.DataFrame:
+def _pool(reports: dict[str, pd.DataFrame], rule: Rule) -> pd.DataFrame:
     """Every report row in shard order, with its shard URL and what ``route`` (filter's router) makes of it."""
     parts = []
     for url, report in reports.items():
         part = report.copy()
         part["_ncl_shard"] = url
-        part["_ncl_outcome"] = route(report, rule, where=where)
+        part["_ncl_outcome"] = route(report, rule)
         parts.append(part)
     if not parts:
         return pd.DataFrame(columns=["key", "status", "_ncl_outcome", rule.column])

@@ -4,7 +4,7 @@
 resolved rule (``make_rule``) and the override lists (``read_key_list``, ``resolve_overrides``):
 ``filter``, ``filter --dry-run`` and ``inspect`` all go through it, so they agree. The reports
 they route are read here too (``load_shard_reports``: every part checked by
-``schema.read_report_part``), and ``ScoredSamples`` checks, as a shard is read again, that each
+``schema.read_report_table``), and ``ScoredSamples`` checks, as a shard is read again, that each
 sample is the one its row scored. Nothing here writes: the shard writer is ``filtering``.
 """
 
@@ -14,11 +14,13 @@ import json
 import logging
 import math
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
 from . import schema
 from .errors import NcleanerError, first_line, printable
@@ -38,6 +40,8 @@ BELOW_THRESHOLD = "below_threshold"
 WHERE = "where"
 DUPLICATE = "duplicate"
 OVERRIDE = "override"
+# filter with --keep-uids and no report: a sample whose uid the list does not name.
+NOT_LISTED = "not_listed"
 
 
 def make_rule(
@@ -137,16 +141,28 @@ class OverridePlan:
     reject: dict[str, set[int]] = field(default_factory=dict)
     keep_keys: str | None = None
     reject_keys: str | None = None
+    keep_uids: str | None = None
+    reject_uids: str | None = None
     not_found: dict[str, list[str]] = field(default_factory=lambda: {"keep": [], "reject": []})
+    # Per side, how many uids of its subset file match no sample of the pool.
+    uids_not_found: dict[str, int] = field(default_factory=lambda: {"keep": 0, "reject": 0})
     kept_not_ok: list[dict] = field(default_factory=list)
 
     def summary(self) -> dict:
         return {
             "keep_keys": self.keep_keys,
             "reject_keys": self.reject_keys,
+            "keep_uids": self.keep_uids,
+            "reject_uids": self.reject_uids,
             "not_found": self.not_found,
+            "uids_not_found": self.uids_not_found,
             "kept_not_ok": self.kept_not_ok,
         }
+
+    def lists(self, which: str) -> str:
+        """The files naming samples to keep (``which`` = keep) or reject, for a message."""
+        files = (self.keep_keys, self.keep_uids) if which == "keep" else (self.reject_keys, self.reject_uids)
+        return " and ".join(f for f in files if f is not None)
 
 
 def _shard_aliases(url: str, name: str) -> set[str]:
@@ -162,21 +178,31 @@ def resolve_overrides(
     *,
     keep_keys: str | Path | None = None,
     reject_keys: str | Path | None = None,
+    keep_uids: str | Path | None = None,
+    reject_uids: str | Path | None = None,
 ) -> OverridePlan:
-    """Match the lines of the key lists to report rows (``reports``: shard URL -> its report).
+    """Match the lines of the key lists, and the uids of the subset files (``read_uid_list``), to
+    report rows (``reports``: shard URL -> its report).
 
     A bare key names every sample with that key in the pool; ``SHARD<TAB>KEY`` only the one in
     that shard. A line that names no sample is kept in ``not_found`` and logged: it is most
-    likely a typo or a key from another pool, and the user must hear of it. A sample named by
-    both lists is an error. A sample with a non-ok status named by --keep-keys stays rejected
-    (it has no usable pair to keep) and is listed in ``kept_not_ok``.
+    likely a typo or a key from another pool, and the user must hear of it; so is the count of a
+    subset file's uids that name no sample. A uid names every sample whose json carries it (a
+    pool may hold one picture twice under one uid); a uid listed twice in a file is one uid. A
+    sample named to be kept and to be rejected is an error. A sample with a non-ok status named to
+    be kept stays rejected (it has no usable pair to keep) and is listed in ``kept_not_ok``.
     """
-    plan = OverridePlan(
-        keep_keys=str(keep_keys) if keep_keys is not None else None,
-        reject_keys=str(reject_keys) if reject_keys is not None else None,
-    )
+    given = {"keep_keys": keep_keys, "reject_keys": reject_keys, "keep_uids": keep_uids, "reject_uids": reject_uids}
+    plan = OverridePlan(**{k: str(v) if v is not None else None for k, v in given.items()})
+    for which, path in (("keep", keep_uids), ("reject", reject_uids)):
+        if path is not None:
+            rows, plan.uids_not_found[which] = listed_rows(reports, read_uid_list(path))
+            for url, found in rows.items():
+                (plan.keep if which == "keep" else plan.reject).setdefault(url, set()).update(found)
+            if plan.uids_not_found[which]:
+                logger.warning("%s: %d uid(s) match no sample of the pool", path, plan.uids_not_found[which])
     if keep_keys is None and reject_keys is None:
-        return plan
+        return _checked(plan, reports)
     urls = list(reports)
     by_key: dict[str, list[tuple[str, int]]] = {}
     for url, report in reports.items():
@@ -204,12 +230,18 @@ def resolve_overrides(
                 len(plan.not_found[which]),
                 plan.not_found[which][0],
             )
+    return _checked(plan, reports)
+
+
+def _checked(plan: OverridePlan, reports: dict[str, pd.DataFrame]) -> OverridePlan:
+    """``plan``, refused when a sample is both kept and rejected by it; the non-ok samples it would
+    keep are listed in ``kept_not_ok`` (they stay rejected) and warned about."""
     for url, rows in plan.keep.items():
         both = rows & plan.reject.get(url, set())
         if both:
             key = reports[url]["key"].iloc[min(both)]
             raise NcleanerError(
-                f"{reject_keys}: sample {key!r} of {url} is also in {keep_keys}; "
+                f"{plan.lists('reject')}: sample {key!r} of {url} is also in {plan.lists('keep')}; "
                 f"{len(both)} sample(s) are in both lists, remove them from one"
             )
         report = reports[url]
@@ -221,12 +253,70 @@ def resolve_overrides(
         first = plan.kept_not_ok[0]
         logger.warning(
             "%s: %d sample(s) cannot be kept, they have no usable pair (e.g. %s: %s); they stay rejected",
-            keep_keys,
+            plan.lists("keep"),
             len(plan.kept_not_ok),
             first["key"],
             first["status"],
         )
     return plan
+
+
+def uid_value(uid, url: str) -> tuple[int, int] | None:
+    """A sample's uid as DataComp's subset files hold it: ``divmod(int(uid, 16), 2**64)``; None
+    for a sample without one (not a string), one line for one that is not 128-bit hex."""
+    if not isinstance(uid, str):
+        return None
+    try:
+        value = int(uid, 16)
+    except ValueError:
+        value = -1
+    if not 0 <= value < 1 << 128:
+        raise NcleanerError(f"{url}: uid {uid!r} is not a 128-bit hexadecimal id, as DataComp's are")
+    return divmod(value, 1 << 64)
+
+
+UID_DTYPE = np.dtype("<u8,<u8")
+
+
+def read_uid_list(path: str | Path) -> np.ndarray:
+    """The uids of a DataComp subset file, sorted and unique, as 16-byte values (``UID_DTYPE``
+    viewed as ``V16``): a ``np.save``'d structured array of two uint64 fields (``u8,u8``, as
+    ``filter --subset-out`` and DataComp write it) or of shape (n, 2), or the headerless form
+    DataComp's resharder also reads (the pairs' raw little-endian bytes)."""
+    path = Path(path)
+    try:
+        with path.open("rb") as f:
+            header = f.read(6)
+        if header == b"\x93NUMPY":
+            array = np.load(path, allow_pickle=False)
+        else:
+            if path.stat().st_size % UID_DTYPE.itemsize:
+                raise NcleanerError(f"{path}: neither a .npy file nor a whole number of 16-byte uids")
+            array = np.fromfile(path, dtype=UID_DTYPE)
+    except (OSError, ValueError) as exc:
+        raise NcleanerError(f"{path}: cannot read subset file: {first_line(exc)}") from None
+    if array.dtype.names and len(array.dtype.names) == 2 and all(array.dtype[n] == np.uint64 for n in (0, 1)):
+        pairs = array.astype(UID_DTYPE)
+    elif array.dtype == np.uint64 and array.ndim == 2 and array.shape[1] == 2:
+        pairs = np.ascontiguousarray(array).view(UID_DTYPE).ravel()
+    else:
+        raise NcleanerError(f"{path}: not a subset file: dtype {array.dtype}, shape {array.shape} (want u8,u8)")
+    return np.unique(np.ascontiguousarray(pairs.ravel()).view("V16"))
+
+
+def listed_rows(reports: dict[str, pd.DataFrame], listed: np.ndarray) -> tuple[dict[str, set[int]], int]:
+    """Per shard, the report rows whose uid is in ``listed`` (``read_uid_list``), and how many of
+    the listed uids match no row."""
+    rows, matched = {}, []
+    for url, report in reports.items():
+        column = report["uid"].tolist() if "uid" in report.columns else [None] * len(report)
+        values = [uid_value(uid, url) for uid in column]
+        present = [i for i, v in enumerate(values) if v is not None]
+        keys = np.array([values[i] for i in present], dtype=UID_DTYPE).view("V16")
+        hit = np.isin(keys, listed)
+        rows[url] = {present[i] for i in np.flatnonzero(hit)}
+        matched.append(keys[hit])
+    return rows, len(listed) - (len(np.unique(np.concatenate(matched))) if matched else 0)
 
 
 def route(
@@ -235,22 +325,22 @@ def route(
     *,
     keep_rows: set[int] | frozenset = frozenset(),
     reject_rows: set[int] | frozenset = frozenset(),
-    where: str | None = None,
     duplicate_rows: set[int] | frozenset = frozenset(),
 ) -> list[str]:
     """What becomes of each row of one shard's report: ``KEPT``, ``KEPT_BY_OVERRIDE``, or the
     reason it is rejected (``BELOW_THRESHOLD``, ``WHERE``, ``DUPLICATE``, ``OVERRIDE``, or its
     non-ok status).
 
-    ``where`` (``filter --where``) is a SQL predicate over the report's columns, and
-    ``duplicate_rows`` (``filter --dedup``) the rows that repeat another sample; both are ANDed
+    ``--where``, a SQL predicate over the report's columns, arrives as the report's ``WHERE_HOLDS``
+    column (``load_shard_reports(where=...)``), and ``duplicate_rows`` (``filter --dedup``) are the
+    rows that repeat another sample; both are ANDed
     with the rule, in that order: a row the rule keeps but the predicate does not is rejected as
     ``WHERE``, one it keeps that is a duplicate as ``DUPLICATE``. An override counts only where it
     changes that decision: a listed sample already kept (or rejected) keeps its plain outcome.
     """
     outcomes = []
     values = report[rule.column].tolist()
-    holds = where_mask(report, where) if where is not None else None
+    holds = report[WHERE_HOLDS].to_numpy() if WHERE_HOLDS in report.columns else None
     for i, status in enumerate(report["status"].tolist()):
         if status != schema.OK:
             outcomes.append(status)  # no usable pair: no list can keep it
@@ -266,7 +356,7 @@ def route(
     return outcomes
 
 
-def where_mask(report: pd.DataFrame, where: str) -> np.ndarray:
+def where_mask(report: pa.Table | pd.DataFrame, where: str) -> np.ndarray:
     """Per row of ``report``, whether the SQL predicate ``where`` holds (NULL counts as not).
 
     DuckDB evaluates it, with its access to files and the network turned off and the setting
@@ -285,7 +375,11 @@ def where_mask(report: pd.DataFrame, where: str) -> np.ndarray:
         raise NcleanerError(f"--where {where!r}: must be one expression over the report's columns")
     con = duckdb.connect(config={"enable_external_access": False, "lock_configuration": True})
     try:
-        con.register("report", report.assign(**{_ROW: np.arange(len(report))}))
+        rows = np.arange(len(report))
+        if isinstance(report, pa.Table):
+            con.register("report", report.append_column(_ROW, pa.array(rows)))
+        else:
+            con.register("report", report.assign(**{_ROW: rows}))
         return con.execute(query).fetchnumpy()[con.description[0][0]].astype(bool)
     except duckdb.Error as exc:
         raise NcleanerError(f"--where {where!r}: {_sql_error(exc)}") from None
@@ -311,12 +405,27 @@ def is_kept(outcome: str) -> bool:
     return outcome in (KEPT, KEPT_BY_OVERRIDE)
 
 
+# The column ``load_shard_reports`` adds with ``where``: whether the predicate holds on the row.
+WHERE_HOLDS = "__where_holds"
+# The columns ``load_shard_reports`` keeps whatever it is asked for.
+_ALWAYS = ("key", "index", "status", "model_id")
+
+
 def load_shard_reports(
-    report_dir: Path, urls: list[str], *, on_bad_shard: str = "fail"
+    report_dir: Path,
+    urls: list[str],
+    *,
+    on_bad_shard: str = "fail",
+    columns: Iterable[str] | None = None,
+    where: str | None = None,
 ) -> tuple[dict[str, pd.DataFrame], dict[str, str]]:
     """The finished report of every input shard, and the shards ``score`` could not read.
 
-    Each part is checked as it is read (``schema.read_report_part``).
+    Each part is read whole, one at a time, and checked (``schema.read_report_table``); only
+    ``columns`` of it are kept (all when None; ``key``, ``index``, ``status`` and ``model_id``
+    always, the last two as categories), so that what stays in memory for the pool is those columns, not its
+    captions. With ``where``, the predicate (``where_mask``) is evaluated on each whole part and
+    kept as the boolean column ``WHERE_HOLDS``.
 
     A shard without a finished report is an error, except one that ``score
     --on-bad-shard skip`` recorded as unreadable when ``on_bad_shard`` is ``skip``.
@@ -326,10 +435,17 @@ def load_shard_reports(
     if not report_dir.is_dir():
         raise NcleanerError(f"{report_dir}: no such report directory (run ncleaner score first)")
     reports, skipped = {}, {}
+    kept = None if columns is None else [*_ALWAYS, *(c for c in columns if c not in _ALWAYS)]
     for url, name in zip(urls, shard_names(urls), strict=True):
         table, marker = report_paths(report_dir, name)
         if marker.is_file() and table.is_file():
-            reports[url] = schema.read_report_part(table)
+            whole = schema.read_report_table(table)
+            part = (whole if kept is None else whole.select([c for c in kept if c in whole.column_names])).to_pandas()
+            if kept is not None:
+                part = part.astype({"status": "category", "model_id": "category"})
+            if where is not None:
+                part[WHERE_HOLDS] = where_mask(whole, where)
+            reports[url] = part
             continue
         failed = failed_marker(report_dir, name)
         if failed.is_file() and on_bad_shard == "skip":
@@ -344,6 +460,38 @@ def load_shard_reports(
             "re-score every shard with one model (ncleaner score --overwrite)"
         )
     _warn_repeated_keys(reports)
+    return reports, skipped
+
+
+def unscored_reports(urls: list[str], *, on_bad_shard: str = "fail") -> tuple[dict[str, pd.DataFrame], dict[str, str]]:
+    """What ``filter --keep-uids`` with no report routes by: per shard, the rows a report would
+    begin with (key, index, caption, image SHA-1, the reader's status, uid), read from the shard
+    itself (nothing decoded), and the shards that cannot be read (``on_bad_shard``)."""
+    from .errors import UnreadableShard
+    from .shards import read_shard
+
+    reports, skipped = {}, {}
+    for url in urls:
+        rows = {"key": [], "index": [], "caption": [], "image_sha1": [], "status": [], "uid": []}
+        reader = read_shard(url)
+        try:
+            for raw in reader:
+                caption, _, meta, text_status = read_text_fields(raw)
+                rows["key"].append(raw.key)
+                rows["index"].append(raw.index)
+                rows["caption"].append(caption)
+                rows["image_sha1"].append(sha1_of(image_member(raw)))
+                rows["status"].append(raw.problem or text_status)
+                rows["uid"].append(meta.get("uid") if isinstance(meta.get("uid"), str) else None)
+        except UnreadableShard as exc:
+            if on_bad_shard == "fail":
+                raise
+            logger.warning("skipped %s", exc)
+            skipped[url] = str(exc)
+            continue
+        if reader.damage:
+            rows["status"] = [schema.TRUNCATED_SHARD] * len(rows["key"])
+        reports[url] = pd.DataFrame(rows)
     return reports, skipped
 
 
@@ -373,7 +521,7 @@ def _warn_repeated_keys(reports: dict[str, pd.DataFrame]) -> None:
 
 
 def report_model_ids(reports: dict[str, pd.DataFrame]) -> list[str]:
-    return sorted({m for r in reports.values() for m in r["model_id"].dropna().unique().tolist()})
+    return sorted({m for r in reports.values() if "model_id" in r for m in r["model_id"].dropna().unique().tolist()})
 
 
 def _failure_reason(path: Path) -> str:

@@ -121,10 +121,11 @@ _KINDS = {
 }
 
 
-def read_report_part(path: Path):
-    """One report part as a DataFrame, refused in one line naming the part when it is not one that
-    ``score`` could have written: what ``filter`` (``--dry-run`` too), ``inspect`` and ``evaluate``
-    read, so that none of them acts on a damaged or hand-edited report."""
+def read_report_table(path: Path) -> pa.Table:
+    """One report part, refused in one line naming the part when it is not one that ``score``
+    could have written: what ``filter`` (``--dry-run`` too), ``inspect`` and ``evaluate`` read,
+    so that none of them acts on a damaged or hand-edited report. The whole part is checked even
+    where a caller keeps only some of its columns."""
     try:
         table = pq.read_table(path)
     except Exception as exc:  # pyarrow raises several types for a file that is not Parquet
@@ -132,7 +133,7 @@ def read_report_part(path: Path):
     problem = report_problem(table)
     if problem:
         raise NcleanerError(f"{path}: not a report part ncleaner wrote: {problem} (score the shard again)")
-    return table.to_pandas()
+    return table
 
 
 def report_problem(table: pa.Table) -> str | None:
@@ -191,9 +192,13 @@ class Rule:
 
     def describe(self) -> str:
         """The rule as given, with the threshold it resolved to: ``score >= 0.4321 (--keep-fraction 0.8)``."""
+        if self.mode == "keep_uids":
+            return "uid listed in --keep-uids"
         how = f"--keep-fraction {self.keep_fraction:g}" if self.mode == "keep_fraction" else f"--{self.mode}"
         return f"{self.column} >= {self.threshold:.4g} ({how})"
 
 
 # `filter --auto` and `evaluate` apply this very rule: the model's own clean/noisy split.
 AUTO_RULE = Rule(column="clean_prob", threshold=0.5, mode="auto")
+# `filter --keep-uids` with no report: a sample is kept when its uid is listed (no column compared).
+UIDS_RULE = Rule(column="uid", threshold=0.0, mode="keep_uids")

@@ -30,7 +30,7 @@ from .embeddings import ShardFeatures, model_features, open_for_model
 from .engine import DEFAULT_RUN, RunOptions, ShardJob, ShardTally, check_on_bad_shard, run_shard_jobs, worker_device
 from .errors import NcleanerError
 from .model import NcleanerModel
-from .schema import SCORE_COLUMNS, failed_marker, read_report_part, report_paths, report_schema
+from .schema import SCORE_COLUMNS, failed_marker, read_report_table, report_paths, report_schema
 from .shards import expand_shards, shard_names
 from .writer import atomic_write, output_error, remove_stale_partials, write_json
 
@@ -296,12 +296,19 @@ def _report_table(
     return pa.table([columns[f.name] for f in table_schema], schema=table_schema)
 
 
-def read_report(report_dir: str | Path) -> pd.DataFrame:
+def read_report(report_dir: str | Path, columns: Sequence[str] | None = None) -> pd.DataFrame:
     """The whole report as one DataFrame (every part's rows, in file name order), each part checked
-    as it is read (``schema.read_report_part``). Names starting with ``_`` or ``.`` are not parts,
-    as for pyarrow and DuckDB."""
+    whole as it is read (``schema.read_report_table``), then only its ``columns`` kept (those it
+    has; all when None), so that a caller needing a few columns never holds the pool's captions.
+    Names starting with ``_`` or ``.`` are not parts, as for pyarrow and DuckDB."""
     d = Path(report_dir)
     parts = sorted(p for p in d.glob("*.parquet") if not p.name.startswith(("_", "."))) if d.is_dir() else []
     if not parts:
         raise NcleanerError(f"{d}: no report here (run ncleaner score first)")
-    return pd.concat([read_report_part(p) for p in parts], ignore_index=True)
+    frames = []
+    for path in parts:
+        table = read_report_table(path)
+        if columns is not None:
+            table = table.select([c for c in columns if c in table.column_names])
+        frames.append(table.to_pandas())
+    return pd.concat(frames, ignore_index=True)

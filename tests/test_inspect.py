@@ -445,16 +445,22 @@ def test_a_where_that_is_not_one_safe_expression_over_the_report_is_one_line(ins
     assert not (tmp_path / "clean").exists() and not Path("leak.csv").exists()
 
 
-def test_subset_files_hold_the_kept_and_rejected_uids_as_datacomp_writes_them(small_shards, small_model, tmp_path):
-    data = tmp_path / "data"
-    rng = np.random.default_rng(0)
-    members = tar_members(small_shards / "00000.tar")
+def _with_uids(shard: Path, out: Path, *, seed: int) -> tuple[dict[str, str], dict[str, bytes]]:
+    """A copy of ``shard`` whose jsons carry a random DataComp-style uid each: (key -> uid, members)."""
+    rng = np.random.default_rng(seed)
+    members = tar_members(shard)
     uids = {}
     for name in sorted(members):
         if name.endswith(".json"):
             uids[name[:-5]] = f"{int(rng.integers(0, 2**63)):016x}{int(rng.integers(0, 2**63)):016x}"
             members[name] = json.dumps({**json.loads(members[name]), "uid": uids[name[:-5]]}).encode()
-    write_tar(data / "00000.tar", sorted(members.items()))
+    write_tar(out, sorted(members.items()))
+    return uids, members
+
+
+def test_subset_files_hold_the_kept_and_rejected_uids_as_datacomp_writes_them(small_shards, small_model, tmp_path):
+    data = tmp_path / "data"
+    uids, members = _with_uids(small_shards / "00000.tar", data / "00000.tar", seed=0)
     run_cli("score", data, "--model", small_model, "--out", tmp_path / "r", "-q")
     assert set(pd.read_parquet(tmp_path / "r")["uid"]) == set(uids.values())
     run_cli("filter", data, "--report", tmp_path / "r", "--out", tmp_path / "clean", "--auto", "--subset-out",
@@ -479,3 +485,41 @@ def test_subset_files_hold_the_kept_and_rejected_uids_as_datacomp_writes_them(sm
     assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1, result.output
     assert "--subset-out: 1 kept sample(s) have no uid in their json" in result.output
     assert not (tmp_path / "c2").exists() and not (tmp_path / "k2.npy").exists()
+
+
+def test_uid_lists_override_the_rule_and_alone_are_the_rule(small_shards, small_model, tmp_path):
+    data = tmp_path / "data"
+    uids, _ = _with_uids(small_shards / "00000.tar", data / "00000.tar", seed=1)
+    run_cli("score", data, "--model", small_model, "--out", tmp_path / "r", "-q")
+    chosen = sorted(uids)[:5]
+    pairs = np.array([divmod(int(uids[k], 16), 2**64) for k in chosen], np.dtype("u8,u8"))
+    np.save(tmp_path / "chosen.npy", np.sort(pairs))
+    # The headerless form, with one uid listed twice and one that names no sample.
+    stranger = np.array([(7, 7)], np.dtype("u8,u8"))
+    np.concatenate([pairs, pairs[:1], stranger]).tofile(tmp_path / "chosen.bin")
+
+    run_cli("filter", data, "--report", tmp_path / "r", "--out", tmp_path / "c", "--threshold", "-2",
+            "--reject-uids", tmp_path / "chosen.npy", "-q")  # fmt: skip
+    manifest = json.loads((tmp_path / "c" / "manifest.json").read_text())
+    assert manifest["rejected_by_reason"] == {"override": 5} and manifest["overrides"]["reject_uids"].endswith("npy")
+    kept = {name.split(".")[0] for name in tar_members(tmp_path / "c" / "00000.tar")}
+    assert kept == set(uids) - set(chosen)
+
+    # No report: the subset file is the whole rule, as in DataComp's resharder.
+    alone = run_cli("filter", data, "--out", tmp_path / "alone", "--keep-uids", tmp_path / "chosen.bin",
+                    "--subset-out", tmp_path / "again.npy")  # fmt: skip
+    assert "kept 5 of 32 pairs (uid listed in --keep-uids)" in alone.output
+    assert "1 uid(s) match no sample of the pool" in alone.output
+    kept = {name.split(".")[0] for name in tar_members(tmp_path / "alone" / "00000.tar")}
+    assert kept == set(chosen)
+    manifest = json.loads((tmp_path / "alone" / "manifest.json").read_text())
+    assert manifest["rejected_by_reason"] == {"not_listed": 27} and manifest["report"] is None
+    assert manifest["overrides"]["uids_not_found"]["keep"] == 1
+    assert np.array_equal(np.load(tmp_path / "again.npy"), np.sort(pairs))
+
+    usage = run_cli("filter", data, "--out", tmp_path / "x", "--keep-uids", tmp_path / "chosen.npy", "--auto", ok=False)
+    assert "with no --report, --keep-uids is the whole rule" in usage.output
+    (tmp_path / "odd.bin").write_bytes(b"\x00" * 17)
+    bad = run_cli("filter", data, "--out", tmp_path / "y", "--keep-uids", tmp_path / "odd.bin", ok=False)
+    assert "odd.bin: neither a .npy file nor a whole number of 16-byte uids" in bad.output
+    assert "Traceback" not in bad.output and not (tmp_path / "y").exists()
