@@ -717,6 +717,12 @@ def _dry_run_table(result) -> str:
 @click.option(
     "--thumb-px", type=click.IntRange(16, 512), default=160, show_default=True, help="Largest side of a thumbnail."
 )
+@click.option(
+    "--dedup",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Directory ncleaner dedup wrote: reject its duplicates as filter --dedup does, and show the groups.",
+)
 @bad_shard_option
 @verbosity
 @user_errors

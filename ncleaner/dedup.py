@@ -576,28 +576,36 @@ def linked_in_clusters(
     return i[first], j[first], s[first]
 
 
-def load_duplicates(dedup_dir: str | Path, reports: dict) -> dict[str, set[int]]:
-    """Per shard of ``reports`` (url -> its report rows), the rows ``filter --dedup`` rejects: those
-    whose group's representative is another sample. Only the columns that decide it are read; a
-    part made from other samples than the report's (keys or image hashes differ) is one line."""
+def load_groups(dedup_dir: str | Path, reports: dict, columns: list[str]) -> dict[str, pa.Table]:
+    """Per shard of ``reports`` (url -> its report rows), its dedup part's ``columns``, row for
+    row with the report; a part made from other samples than the report's (keys or image hashes
+    differ) is one line."""
     d = Path(dedup_dir)
     if not (d / SUMMARY).is_file():
         raise NcleanerError(f"{d}: not a dedup directory (no {SUMMARY}; run ncleaner dedup)")
     urls = list(reports)
-    duplicates = {}
+    groups = {}
     for url, name in zip(urls, shard_names(urls), strict=True):
         part, marker = dedup_paths(d, name)
-        table = _read_part(part, marker, ["key", "image_sha1", "duplicate_of"], f"dedup part for shard {url}", "dedup")
+        wanted = ["key", "image_sha1", *(c for c in columns if c not in ("key", "image_sha1"))]
+        table = _read_part(part, marker, wanted, f"dedup part for shard {url}", "dedup")
         report = reports[url]
         same = table.column("key").to_pylist() == report["key"].tolist()
         if same and "image_sha1" in report.columns:
             same = table.column("image_sha1").to_pylist() == report["image_sha1"].tolist()
         if not same:
             raise NcleanerError(f"{part}: made from other samples than the report's for {url} (run dedup again)")
-        duplicates[url] = set(
-            np.flatnonzero(table.column("duplicate_of").is_valid().to_numpy(zero_copy_only=False)).tolist()
-        )
-    return duplicates
+        groups[url] = table.select(columns)
+    return groups
+
+
+def load_duplicates(dedup_dir: str | Path, reports: dict) -> dict[str, set[int]]:
+    """Per shard of ``reports``, the rows ``filter --dedup`` rejects: those whose group's
+    representative is another sample (``load_groups``; only the columns that decide it are read)."""
+    return {
+        url: set(np.flatnonzero(t.column("duplicate_of").is_valid().to_numpy(zero_copy_only=False)).tolist())
+        for url, t in load_groups(dedup_dir, reports, ["duplicate_of"]).items()
+    }
 
 
 def _read_part(part: Path, marker: Path, columns: list[str], what: str, command: str) -> pa.Table:

@@ -22,7 +22,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from . import schema
@@ -34,6 +33,7 @@ from .rules import (
     KEPT_BY_OVERRIDE,
     NOT_LISTED,
     OVERRIDE,
+    ROUTE_COLUMNS,
     OverridePlan,
     ScoredSamples,
     is_kept,
@@ -44,6 +44,7 @@ from .rules import (
     report_model_ids,
     resolve_overrides,
     route,
+    route_rows,
     uid_value,
     unscored_reports,
 )
@@ -457,20 +458,6 @@ def _route_locally(urls, sources, outcomes, stages, *, maxcount: int, on_bad_sha
                 routed[url] = {"shard": url, "error": str(exc)}
             bar.update(len(outcomes[url]))
     return routed, (kept.paths, rejected.paths if rejected is not None else [])
-
-
-# The report columns ``route_shard`` reads.
-ROUTE_COLUMNS = ("key", "status", "caption", "image_sha1")
-
-
-def route_rows(source) -> pd.DataFrame:
-    """One shard's report rows as ``route_shard`` reads them: ``ROUTE_COLUMNS`` of a report part
-    (read now, from its path: the pool's captions are never all in memory) or of the rows given.
-    A part written before ncleaner stored image hashes has no ``image_sha1``."""
-    if isinstance(source, str):
-        present = pq.read_schema(source).names
-        return pq.read_table(source, columns=[c for c in ROUTE_COLUMNS if c in present]).to_pandas()
-    return source[[c for c in ROUTE_COLUMNS if c in source.columns]]
 
 
 def route_shard(url: str, report: pd.DataFrame, outcomes: list[str], kept, rejected) -> bool:

@@ -24,6 +24,7 @@ import json
 import logging
 import math
 import os
+import shlex
 import tempfile
 import warnings
 from collections.abc import Iterable
@@ -37,10 +38,11 @@ from PIL import Image
 
 from . import __version__, schema
 from .config import DEFAULT_MAX_IMAGE_PIXELS
+from .dedup import load_groups
 from .errors import NcleanerError, UnreadableShard, first_line, printable
-from .rules import KEPT, ScoredSamples, describe, is_kept, load_shard_reports, make_rule, route
-from .schema import SCORE_COLUMNS, STATUSES, Rule
-from .shards import RawSample, expand_shards, image_member, read_shard
+from .rules import KEPT, WHERE_HOLDS, ScoredSamples, describe, is_kept, load_shard_reports, make_rule, route, route_rows
+from .schema import SCORE_COLUMNS, STATUSES, Rule, report_paths
+from .shards import RawSample, expand_shards, image_member, read_shard, shard_names
 from .writer import atomic_write, remove_stale_partials
 
 logger = logging.getLogger(__name__)
@@ -64,6 +66,13 @@ GALLERIES = (
     ("kept", "Random sample of kept pairs", "Drawn at random (seed {seed}) from every pair the rule keeps."),
     ("not_ok", "Not scored", "Samples with a non-ok status, always rejected; each status is represented."),
 )
+# With --dedup, a sixth gallery; and the columns of the dedup parts it reads.
+DUPLICATES_GALLERY = (
+    "duplicates",
+    "Duplicate groups",
+    "Each group's representative, then the samples that repeat it (rejected as duplicate), side by side.",
+)
+DEDUP_COLUMNS = ["dup_group", "duplicate_of", "dup_kind", "dup_similarity"]
 
 
 @dataclass
@@ -98,6 +107,7 @@ def inspect_report(
     model_dir: str | Path | None = None,
     seed: int = 0,
     thumb_px: int = DEFAULT_THUMB_PX,
+    dedup: str | Path | None = None,
     on_bad_shard: str = "fail",
 ) -> InspectResult:
     """Write one self-contained HTML page showing what a rule keeps and rejects in a scored pool.
@@ -120,6 +130,9 @@ def inspect_report(
             model whose id the report carries.
         seed: seed of the random sample of kept pairs.
         thumb_px: largest side of a thumbnail, in pixels (16 to 512).
+        dedup: a directory ``ncleaner dedup`` wrote for these shards: its duplicates are rejected
+            as ``filter --dedup`` rejects them, and a sixth gallery shows groups side by side,
+            each representative followed by the samples that repeat it.
         on_bad_shard: ``skip`` leaves out shards ``score --on-bad-shard skip`` could not read;
             ``fail`` (default) stops at them, as ``filter`` does.
     """
@@ -132,11 +145,22 @@ def inspect_report(
     out = Path(out)
     _check_out(out)
     urls = expand_shards(shards)
-    reports, skipped = load_shard_reports(Path(report_dir), urls, on_bad_shard=on_bad_shard, where=where)
+    # The page shows a few hundred cards of a pool of any size: the pool is held as the columns the
+    # rule, the truth and the charts need; the shown cards' captions are read from their parts.
+    columns = [
+        *SCORE_COLUMNS,
+        *(["shard"] if truth_file else []),  # a truth file tells repeated keys apart by shard
+        *([truth_field] if truth_field else []),
+        *(["image_sha1"] if dedup else []),
+    ]
+    reports, skipped = load_shard_reports(
+        Path(report_dir), urls, on_bad_shard=on_bad_shard, columns=columns, where=where
+    )
     if threshold is None and keep_fraction is None and not auto:
         auto = True
     rule = make_rule(list(reports.values()), threshold=threshold, keep_fraction=keep_fraction, auto=auto, column=column)
-    pool = _pool(reports, rule)
+    groups = load_groups(dedup, reports, DEDUP_COLUMNS) if dedup is not None else None
+    pool = _pool(reports, rule, groups)
     if pool.empty:
         raise NcleanerError(f"{report_dir}: the report holds no rows for these shards")
     noisy = _truth(pool, truth_field, truth_file)
@@ -154,12 +178,27 @@ def inspect_report(
             **kept_set_metrics(kept, noisy),
         }
     chosen = _galleries(pool, rule, per_gallery, seed)
-    thumbs = _thumbnails(pool, reports, sorted({i for rows in chosen.values() for i in rows}), thumb_px)
+    galleries = list(GALLERIES)
+    if groups is not None:
+        chosen["duplicates"] = _group_rows(pool, per_gallery)
+        galleries.append(DUPLICATES_GALLERY)
+    names = dict(zip(urls, shard_names(urls), strict=True))
+    parts = {url: str(report_paths(Path(report_dir), names[url])[0]) for url in reports}
+    thumbs, captions = _shown(pool, parts, sorted({i for rows in chosen.values() for i in rows}), thumb_px)
 
-    ok_values = pool.loc[pool["status"] == schema.OK, rule.column].to_numpy(dtype=np.float64)
-    finite = np.isfinite(ok_values)
-    ok_noisy = noisy[(pool["status"] == schema.OK).to_numpy()][finite] if noisy is not None else None
-    charts = _charts(ok_values[finite], rule.threshold, ok_noisy, int(noisy.sum()) if noisy is not None else 0)
+    # --auto's column, clean_prob, is nearly 0 or 1: the charts and the slider show the continuous
+    # score it is a posterior of, with the cut where the rule's kept set begins on it.
+    shown = "score" if rule.mode == "auto" and "score" in pool.columns else rule.column
+    cut = rule.threshold if shown == rule.column else _cut_on(pool, shown)
+    ok = (pool["status"] == schema.OK).to_numpy()
+    values = pool[shown].to_numpy(dtype=np.float64)
+    finite = ok & np.isfinite(values)
+    noisy_total = int(noisy.sum()) if noisy is not None else 0
+    charts = _charts(values[finite], cut, noisy[finite] if noisy is not None else None, noisy_total)
+    if charts is not None:
+        charts["slider"] = _slider(
+            pool, shown, cut, noisy, noisy_total, command=_command(shards, report_dir, shown, where, dedup)
+        )
     key_counts = pool["key"].value_counts()
     shown_rule = describe(rule, where)
     context = {
@@ -171,7 +210,7 @@ def inspect_report(
         "statuses": _status_rows(pool),
         "model": model,
         "rule": shown_rule,
-        "rule_column": rule.column,
+        "rule_column": shown,
         "kept": int(kept.sum()),
         "rejected": int((~kept).sum()),
         "rejected_by_reason": pool.loc[~kept, "_ncl_outcome"].value_counts().sort_index().to_dict(),
@@ -183,9 +222,9 @@ def inspect_report(
                 "id": gid,
                 "title": title,
                 "about": about.format(column=rule.column, seed=seed),
-                "cards": [_card(pool, i, thumbs, key_counts, rule) for i in chosen[gid]],
+                "cards": [_card(pool, i, thumbs, captions, key_counts, rule) for i in chosen[gid]],
             }
-            for gid, title, about in GALLERIES
+            for gid, title, about in galleries
         ],
         "thumbs": [{"cls": cls, "uri": uri} for cls, uri in sorted(thumbs.values())],
         "per_gallery": per_gallery,
@@ -230,17 +269,24 @@ def _check_out(out: Path) -> None:
         raise NcleanerError(f"{out}: exists and was not written by ncleaner inspect; refusing to replace it")
 
 
-def _pool(reports: dict[str, pd.DataFrame], rule: Rule) -> pd.DataFrame:
-    """Every report row in shard order, with its shard URL and what ``route`` (filter's router) makes of it."""
+def _pool(reports: dict[str, pd.DataFrame], rule: Rule, groups: dict | None = None) -> pd.DataFrame:
+    """Every report row in shard order, with its shard URL and what ``route`` (filter's router) makes
+    of it; with ``groups`` (``dedup.load_groups``), its duplicate group's columns as ``_ncl_<column>``,
+    and its duplicates rejected as ``filter --dedup`` rejects them."""
     parts = []
     for url, report in reports.items():
-        part = report.copy()
-        part["_ncl_shard"] = url
-        part["_ncl_outcome"] = route(report, rule)
+        part = report.assign(_ncl_shard=url)
+        repeats = frozenset()
+        if groups is not None:
+            for column in DEDUP_COLUMNS:
+                part[f"_ncl_{column}"] = groups[url].column(column).to_pylist()
+            repeats = frozenset(np.flatnonzero(part["_ncl_duplicate_of"].notna().to_numpy()).tolist())
+        part["_ncl_outcome"] = route(report, rule, duplicate_rows=repeats)
         parts.append(part)
     if not parts:
         return pd.DataFrame(columns=["key", "status", "_ncl_outcome", rule.column])
-    return pd.concat(parts, ignore_index=True)
+    pool = pd.concat(parts, ignore_index=True)
+    return pool.astype({"_ncl_shard": "category"})
 
 
 def _truth(pool: pd.DataFrame, field: str | None, path: str | Path | None) -> np.ndarray | None:
@@ -299,6 +345,17 @@ def _galleries(pool: pd.DataFrame, rule: Rule, n: int, seed: int) -> dict[str, l
     }
 
 
+def _group_rows(pool: pd.DataFrame, n: int) -> list[int]:
+    """Up to ``n`` rows of whole duplicate groups, the first groups first: each representative
+    followed by the samples that repeat it (a group larger than what is left is cut)."""
+    grouped = pool["_ncl_dup_group"].notna().to_numpy()
+    rows = np.flatnonzero(grouped)
+    order = rows[
+        np.lexsort((pool["_ncl_duplicate_of"].notna().to_numpy()[rows], pool["_ncl_dup_group"].to_numpy()[rows]))
+    ]
+    return order[:n].tolist()
+
+
 def _round_robin(pool: pd.DataFrame, n: int) -> list[int]:
     """Up to ``n`` non-ok rows taking each status in turn, so that a rare status is not crowded out."""
     by_status = {
@@ -313,8 +370,9 @@ def _round_robin(pool: pd.DataFrame, n: int) -> list[int]:
     return sorted(out[:n])
 
 
-def _thumbnails(pool: pd.DataFrame, reports: dict, rows: list[int], px: int) -> dict[int, tuple[str, str]]:
-    """Row position -> (CSS class, JPEG data URI) for the shown rows whose image can be shown.
+def _shown(pool: pd.DataFrame, parts: dict[str, str], rows: list[int], px: int) -> tuple[dict, dict]:
+    """For the shown rows: row position -> (CSS class, JPEG data URI) where the image can be shown,
+    and row position -> caption (read from the shard's report part, ``rules.route_rows``).
 
     Each shard is read once, up to its last shown sample; a sample is checked against its row
     (position, key, caption, image hash) as ``filter`` checks it.
@@ -323,9 +381,13 @@ def _thumbnails(pool: pd.DataFrame, reports: dict, rows: list[int], px: int) -> 
     for i in rows:
         wanted.setdefault(pool["_ncl_shard"].iat[i], {})[int(pool["index"].iat[i])] = i
     thumbs: dict[int, tuple[str, str]] = {}
+    captions: dict[int, str | None] = {}
     for url, by_index in wanted.items():
         last = max(by_index)
-        scored = ScoredSamples(url, reports[url])
+        part = route_rows(parts[url])
+        for index, i in by_index.items():
+            captions[i] = part["caption"].iat[index]
+        scored = ScoredSamples(url, part)
         try:
             for raw in read_shard(url):
                 i = by_index.get(raw.index)
@@ -338,7 +400,7 @@ def _thumbnails(pool: pd.DataFrame, reports: dict, rows: list[int], px: int) -> 
                     break
         except UnreadableShard as exc:
             logger.warning("%s; its cards are shown without images", exc)
-    return thumbs
+    return thumbs, captions
 
 
 def _thumbnail(raw: RawSample, status: str, px: int) -> str | None:
@@ -365,7 +427,7 @@ def _thumbnail(raw: RawSample, status: str, px: int) -> str | None:
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def _card(pool: pd.DataFrame, i: int, thumbs: dict, key_counts: pd.Series, rule: Rule) -> dict:
+def _card(pool: pd.DataFrame, i: int, thumbs: dict, captions: dict, key_counts: pd.Series, rule: Rule) -> dict:
     row = pool.iloc[i]
     key, url = str(row["key"]), str(row["_ncl_shard"])
     status, outcome = str(row["status"]), str(row["_ncl_outcome"])
@@ -374,7 +436,7 @@ def _card(pool: pd.DataFrame, i: int, thumbs: dict, key_counts: pd.Series, rule:
         v = row.get(c)
         v = None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)
         scores.append({"column": c, "value": v, "text": "-" if v is None else f"{v:.4f}", "rule": c == rule.column})
-    caption = row.get("caption")
+    caption = captions.get(i)
     return {
         "row": i,
         "key": key,
@@ -390,8 +452,21 @@ def _card(pool: pd.DataFrame, i: int, thumbs: dict, key_counts: pd.Series, rule:
         "outcome": "kept" if outcome == KEPT else outcome,
         "scores": scores,
         "noisy": bool(row["_ncl_noisy"]) if "_ncl_noisy" in pool.columns else None,
+        "dup": _dup_note(row) if "_ncl_dup_group" in pool.columns else None,
         "thumb": thumbs[i][0] if i in thumbs else None,
     }
+
+
+def _dup_note(row) -> str | None:
+    """How the card's sample stands in its duplicate group, or None when it has no duplicate."""
+    group = row["_ncl_dup_group"]
+    if group is None or (isinstance(group, float) and math.isnan(group)):
+        return None
+    of = row["_ncl_duplicate_of"]
+    if of is None:
+        return f"group {int(group)}: the one kept"
+    similarity = row["_ncl_dup_similarity"]
+    return f"group {int(group)}: {row['_ncl_dup_kind']} duplicate of {of['key']} ({similarity:.3f})"
 
 
 def _shown_caption(caption) -> str | None:
@@ -457,7 +532,7 @@ def _charts(values: np.ndarray, cut: float, noisy: np.ndarray | None, noisy_tota
         removed = 1 - kept_noisy / noisy_total
         curves.append({"cls": "precision", "label": "precision (clean in kept)", "points": _points(ts, precision, x)})
         curves.append({"cls": "removed", "label": "noise removed", "points": _points(ts, removed, x)})
-    ticks = [{"x": x(t), "label": f"{t:.3g}"} for t in np.linspace(lo, hi, 6)]
+    ticks = [{"x": x(t), "label": _tick_label(t)} for t in _nice_ticks(lo, hi)]
     yticks = [{"y": round(_TOP + plot_h * (1 - v), 2), "label": f"{v:g}"} for v in (0, 0.25, 0.5, 0.75, 1)]
     return {
         "w": _W,
@@ -468,14 +543,99 @@ def _charts(values: np.ndarray, cut: float, noisy: np.ndarray | None, noisy_tota
         "bottom": _H - _BOTTOM,
         "bars": bars,
         "ymax": top,
-        "cut_x": x(cut),
+        "lo": lo,
+        "hi": hi,
+        "cut_x": x(cut) if math.isfinite(cut) else _LEFT,
         "cut_inside": lo <= cut <= hi,
-        "cut_label": f"{cut:.4g}",
+        "cut_label": f"{cut:.4g}" if math.isfinite(cut) else "none (the rule keeps nothing)",
         "ticks": ticks,
         "yticks": yticks,
         "curves": curves,
-        "kept_at_cut": float((values >= cut).mean()),
+        "kept_at_cut": float((values >= cut).mean()) if math.isfinite(cut) else 0.0,
     }
+
+
+def _nice_ticks(lo: float, hi: float, count: int = 6) -> list[float]:
+    """About ``count`` round tick values (steps of 1, 2 or 5 times a power of ten) within [lo, hi]."""
+    if hi <= lo:
+        return [lo]
+    raw = (hi - lo) / max(1, count - 1)
+    power = 10.0 ** math.floor(math.log10(raw))
+    step = next(m * power for m in (1, 2, 5, 10) if m * power >= raw)
+    first = math.ceil(lo / step) * step
+    return [round(first + k * step, 12) for k in range(int((hi - first) / step + 1e-9) + 1)]
+
+
+def _tick_label(v: float) -> str:
+    return f"{v:.6g}"
+
+
+def _cut_on(pool: pd.DataFrame, column: str) -> float:
+    """Where a rule on another column cuts ``column``: the lowest value of it that the rule keeps
+    (NaN when it keeps none)."""
+    kept = pool.loc[pool["_ncl_outcome"] == KEPT, column].to_numpy(dtype=np.float64)
+    kept = kept[np.isfinite(kept)]
+    return float(kept.min()) if len(kept) else math.nan
+
+
+# The slider's data: every value of a pool this small, else this many quantiles (its counts are
+# then estimates, to about a 5,000th of the pool), so the page stays small for a pool of any size.
+SLIDER_VALUES = 5000
+
+
+def _slider(pool: pd.DataFrame, column: str, cut: float, noisy, noisy_total: int, *, command: str) -> dict:
+    """What the page's cut slider recomputes from: the sorted ``column`` values of the pairs a
+    threshold decides (ok, meeting --where, not a --dedup duplicate; overrides aside), those of the
+    noisy ones with truth, and a key per sampled value for the pairs nearest the cut."""
+    values = pool[column].to_numpy(dtype=np.float64)
+    eligible = (pool["status"] == schema.OK).to_numpy() & np.isfinite(values)
+    if WHERE_HOLDS in pool.columns:
+        eligible &= pool[WHERE_HOLDS].to_numpy(dtype=bool)
+    if "_ncl_duplicate_of" in pool.columns:
+        eligible &= pool["_ncl_duplicate_of"].isna().to_numpy()
+    rows = np.flatnonzero(eligible)
+    rows = rows[np.argsort(values[rows], kind="stable")]
+    n = len(rows)
+    exact = n <= SLIDER_VALUES
+    picked = rows if exact else rows[np.linspace(0, n - 1, SLIDER_VALUES).round().astype(int)]
+    noisy_values = []
+    if noisy is not None:
+        nv = np.sort(values[rows][noisy[rows]])
+        noisy_values = (
+            nv if len(nv) <= SLIDER_VALUES else nv[np.linspace(0, len(nv) - 1, SLIDER_VALUES).round().astype(int)]
+        )
+    return {
+        "column": column,
+        "n": n,
+        "exact": exact,
+        "sampled": len(picked),
+        "cut": None if math.isnan(cut) else cut,
+        "sorted_values": json.dumps([round(float(v), 6) for v in values[picked]]),
+        "sorted_keys": json.dumps([str(k) for k in pool["key"].to_numpy()[picked]]),
+        "noisy_n": int(noisy[rows].sum()) if noisy is not None else 0,
+        "noisy_values": json.dumps([round(float(v), 6) for v in noisy_values]),
+        "noisy_total": noisy_total,
+        "command": command,
+    }
+
+
+def _quantiles(ordered: np.ndarray) -> np.ndarray:
+    """``ordered`` itself, or ``SLIDER_VALUES`` of it evenly spaced by rank."""
+    if len(ordered) <= SLIDER_VALUES:
+        return ordered
+    return ordered[np.linspace(0, len(ordered) - 1, SLIDER_VALUES).round().astype(int)]
+
+
+def _command(shards, report_dir, column: str, where: str | None, dedup) -> str:
+    """The ``filter`` command line the slider's cut stands for, with THRESHOLD where the page puts it."""
+    given = [shards] if isinstance(shards, (str, os.PathLike)) else list(shards)
+    words = ["ncleaner", "filter", *map(str, given), "--report", str(report_dir), "--out", "CLEAN_DIR"]
+    words += ["--column", column, "--threshold", "THRESHOLD"]
+    if where:
+        words += ["--where", where]
+    if dedup is not None:
+        words += ["--dedup", str(dedup)]
+    return " ".join(w if w == "THRESHOLD" else shlex.quote(w) for w in words)
 
 
 def _points(ts: np.ndarray, ys: np.ndarray, x) -> str:

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from . import schema
 from .errors import NcleanerError, first_line, printable
@@ -565,6 +566,21 @@ class ScoredSamples:
             f"{self.url}: sample {n} ({raw.key}) does not match its report row{detail}; the shard changed "
             "since it was scored (run ncleaner score --overwrite)"
         )
+
+
+# The report columns ``filtering.route_shard`` reads, and ``inspect``'s cards.
+ROUTE_COLUMNS = ("key", "status", "caption", "image_sha1")
+
+
+def route_rows(source) -> pd.DataFrame:
+    """One shard's report rows as ``filtering.route_shard`` (and ``inspect``'s cards) read them:
+    ``ROUTE_COLUMNS`` of a report part (read now, from its path: the pool's captions are never
+    all in memory) or of the rows given.
+    A part written before ncleaner stored image hashes has no ``image_sha1``."""
+    if isinstance(source, str):
+        present = pq.read_schema(source).names
+        return pq.read_table(source, columns=[c for c in ROUTE_COLUMNS if c in present]).to_pandas()
+    return source[[c for c in ROUTE_COLUMNS if c in source.columns]]
 
 
 def _text(value) -> str | None:

@@ -5,6 +5,7 @@ semantic links from stored embeddings, and one-line errors."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -102,6 +103,29 @@ def test_filter_dedup_rejects_every_duplicate_and_counts_them(planted, deduped, 
     for _, members in rows[rows["dup_group"].notna()].groupby("dup_group"):
         best = members.loc[members["duplicate_of"].isna()]
         assert len(best) == 1 and best["score"].iloc[0] == members["score"].max()
+
+    # inspect --dedup: the same counts as filter --dedup, and the groups side by side.
+    page = tmp_path / "page.html"
+    shown = run_cli("inspect", pool, "--report", report, "--out", page, "--threshold", "-2", "--dedup", deduped,
+                    "--per-gallery", "500")  # fmt: skip
+    assert f"keeps {52 - len(truth)}, rejects {len(truth)}" in shown.output
+    html = page.read_text()
+    section = html[html.index('data-gallery="duplicates"') :]
+    cards = re.findall(r'data-key="([^"]+)"', section)
+    notes = re.findall(r'<div class="dup">([^<]+)</div>', section)
+    rows = _rows(deduped)
+    grouped = rows[rows["dup_group"].notna()]
+    assert sorted(cards) == sorted(grouped["key"]) and len(notes) == len(cards)
+    for key, note in zip(cards, notes, strict=True):
+        row = grouped.set_index("key").loc[key]
+        group = int(row["dup_group"])
+        if row["duplicate_of"] is None:
+            assert note == f"group {group}: the one kept"
+        else:
+            assert note.startswith(f"group {group}: {row['dup_kind']} duplicate of {row['duplicate_of']['key']} (")
+    # Each group's cards stand together, its representative first.
+    order = [int(grouped.set_index("key").loc[k, "dup_group"]) for k in cards]
+    assert order == sorted(order)
 
 
 def test_dedup_resumes_from_its_hashes_and_hashes_a_changed_shard_again(planted, tmp_path):

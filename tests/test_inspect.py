@@ -523,3 +523,31 @@ def test_uid_lists_override_the_rule_and_alone_are_the_rule(small_shards, small_
     bad = run_cli("filter", data, "--out", tmp_path / "y", "--keep-uids", tmp_path / "odd.bin", ok=False)
     assert "odd.bin: neither a .npy file nor a whole number of 16-byte uids" in bad.output
     assert "Traceback" not in bad.output and not (tmp_path / "y").exists()
+
+
+def test_with_auto_the_page_shows_the_score_it_cuts_with_round_ticks_and_a_slider(inspect_pool, tmp_path):
+    out = tmp_path / "page.html"
+    run_cli("inspect", *inspect_pool["shards"], "--report", inspect_pool["report"], "--out", out, "--auto",
+            "--where", "caption_words > 3", "-q")  # fmt: skip
+    report = _report(inspect_pool)
+    page = _parse(out)
+    svg = next(a for tag, a in page.tags if tag == "svg" and a.get("id") == "histogram")
+    assert svg["aria-label"] == "histogram of score over the scored pairs"
+    slider = next(a for tag, a in page.tags if a.get("id") == "slider")
+    assert slider["data-column"] == "score"
+    # --auto keeps clean_prob >= 0.5: on the score axis its cut is the lowest score it keeps.
+    kept = report[(report["clean_prob"] >= 0.5) & (report["caption_words"] > 3)]
+    assert float(slider["data-cut"]) == pytest.approx(kept["score"].min(), abs=1e-6)
+    # The slider counts the pairs a threshold decides: ok ones meeting --where, every value of them.
+    decided = report[(report["status"] == "ok") & (report["caption_words"] > 3)]
+    assert slider["data-n"] == str(len(decided)) and slider["data-exact"] == "1"
+    assert sorted(json.loads(slider["data-values"])) == pytest.approx(sorted(decided["score"]), abs=1e-5)
+    assert "--column score --threshold THRESHOLD --where 'caption_words > 3'" in slider["data-command"]
+    # Tick labels are round numbers (a step of 1, 2 or 5 times a power of ten), not 0.399, 0.599.
+    html = out.read_text(encoding="utf-8")
+    section = html[html.index('id="histogram"') : html.index("</svg>")]
+    labels = [float(t) for t in re.findall(r'text-anchor="middle">(-?[0-9.]+)</text>', section)]
+    steps = {round(b - a, 9) for a, b in zip(labels, labels[1:], strict=False)}
+    assert len(labels) >= 3 and len(steps) == 1
+    step = steps.pop()
+    assert round(step / 10 ** np.floor(np.log10(step)), 6) in (1, 2, 5)

@@ -14,6 +14,8 @@ import subprocess
 from html.parser import HTMLParser
 from urllib.parse import quote
 
+import numpy as np
+import pandas as pd
 import pytest
 from conftest import IMG_CAPTION, SAMPLE_DATA, SCRIPT_CAPTION, run_cli
 
@@ -136,3 +138,15 @@ def test_markup_in_a_caption_is_shown_as_text_and_never_runs(chromium, sample_pa
     assert captions["h2"] == SCRIPT_CAPTION and captions["h3"] == IMG_CAPTION
     assert "img" not in dom.tags and dom.tags.count("script") == 2  # the page's own two
     assert "data-csp-violations" not in dom.root  # nothing was even attempted
+
+
+def test_the_cut_slider_recounts_and_writes_the_filter_command(chromium, sample_page, tmp_path):
+    report = pd.read_parquet(sample_page.out.parent / "report")
+    scores = report.loc[report["status"] == "ok", "score"].to_numpy()
+    cut = float(np.quantile(scores, 0.3))
+    dom = _dump(chromium, sample_page.out.resolve().as_uri() + f"#cut={cut}", tmp_path)
+    assert dom.root.get("data-ready") == "1" and "data-js-errors" not in dom.root
+    # Every value of a pool this small is on the page: the count is exact.
+    assert dom.root["data-cut-kept"] == str(int((scores >= cut).sum()))
+    command = dom.root["data-cut-command"]
+    assert command.startswith("ncleaner filter ") and f"--column score --threshold {float(f'{cut:.6g}'):g}" in command

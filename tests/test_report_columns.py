@@ -70,4 +70,4 @@ def test_the_report_memory_benchmark_runs_at_ci_size():
     done = subprocess.run([sys.executable, str(bench), "--rows", "20000"], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     rows = [line for line in done.stdout.splitlines() if line.startswith("| `")]
-    assert [r.split("`")[1].split()[0] for r in rows] == ["filter", "filter", "evaluate"]
+    assert [r.split("`")[1].split()[0] for r in rows] == ["filter", "filter", "evaluate", "inspect"]

@@ -32,6 +32,7 @@
     var p = new URLSearchParams();
     if (q.value) p.set("q", q.value);
     if (sort.value !== "order") p.set("sort", sort.value);
+    if (!isNaN(cut)) p.set("cut", String(cut));
     var text = p.toString();
     try {
       history.replaceState(null, "", text ? "#" + text : window.location.pathname + window.location.search);
@@ -192,8 +193,86 @@
     writeHash();
   });
 
+  // The cut slider: what a threshold on the shown column keeps, from the page's own sorted values
+  // (every value of a small pool, quantiles of a large one), and the filter command for it.
+  var slider = document.getElementById("slider");
+  var cutInput = document.getElementById("cut");
+  var cut = NaN;
+  function countAtLeast(sorted, t) {
+    var lo = 0;
+    var hi = sorted.length;
+    while (lo < hi) {
+      var mid = (lo + hi) >> 1;
+      if (sorted[mid] < t) lo = mid + 1;
+      else hi = mid;
+    }
+    return sorted.length - lo;
+  }
+  function scaled(count, sampled, total) {
+    return sampled === total || sampled === 0 ? count : Math.round((count * total) / sampled);
+  }
+  function showCut(t) {
+    if (!slider) return;
+    cut = t;
+    var values = JSON.parse(slider.getAttribute("data-values"));
+    var keysAt = JSON.parse(slider.getAttribute("data-keys"));
+    var noisyValues = JSON.parse(slider.getAttribute("data-noisy-values"));
+    var n = Number(slider.getAttribute("data-n"));
+    var noisyN = Number(slider.getAttribute("data-noisy-n"));
+    var noisyTotal = Number(slider.getAttribute("data-noisy-total"));
+    var about = slider.getAttribute("data-exact") === "1" ? "" : "about ";
+    var kept = scaled(countAtLeast(values, t), values.length, n);
+    var text = (cut.toPrecision(6) * 1).toString();
+    document.getElementById("cut-value").textContent = slider.getAttribute("data-column") + " >= " + text;
+    var line = about + kept + " of " + n + " pairs kept (" + (n ? ((100 * kept) / n).toFixed(1) : "0.0") + "%), " +
+      (n - kept) + " rejected";
+    if (noisyTotal) {
+      var keptNoisy = scaled(countAtLeast(noisyValues, t), noisyValues.length, noisyN);
+      line += "; kept set " + (kept ? (100 * (1 - keptNoisy / kept)).toFixed(1) : "-") + "% clean, " +
+        ((100 * (1 - keptNoisy / noisyTotal)).toFixed(1)) + "% of the noise removed";
+    }
+    document.getElementById("cut-counts").textContent = line;
+    var first = values.length - countAtLeast(values, t);
+    var near = [];
+    for (var i = Math.max(0, first - 3); i < Math.min(values.length, first + 3); i++) {
+      near.push(keysAt[i] + " (" + values[i] + (i < first ? ", rejected" : ", kept") + ")");
+    }
+    document.getElementById("cut-nearest").textContent = near.length ? "nearest the cut: " + near.join(", ") : "";
+    document.getElementById("cut-command").value = slider.getAttribute("data-command").replace("THRESHOLD", text);
+    root.setAttribute("data-cut-kept", String(kept));
+    root.setAttribute("data-cut-command", document.getElementById("cut-command").value);
+  }
+  if (slider) {
+    cutInput.addEventListener("input", function () {
+      showCut(parseFloat(cutInput.value));
+      writeHash();
+    });
+    document.getElementById("copy-command").addEventListener("click", function () {
+      var box = document.getElementById("cut-command");
+      var note = document.getElementById("command-note");
+      if (navigator.clipboard && navigator.clipboard.writeText) {
+        navigator.clipboard.writeText(box.value).then(function () {
+          note.textContent = "copied";
+        }, function () {
+          box.select();
+          note.textContent = "press Ctrl+C / Cmd+C to copy the selected text";
+        });
+      } else {
+        box.select();
+        note.textContent = "press Ctrl+C / Cmd+C to copy the selected text";
+      }
+    });
+  }
+
   var p = hashParams();
   q.value = p.get("q") || "";
+  if (slider) {
+    var start = parseFloat(p.get("cut") || slider.getAttribute("data-cut"));
+    if (!isNaN(start)) {
+      cutInput.value = String(start);
+      showCut(start);
+    }
+  }
   var wanted = p.get("sort");
   if (wanted && Array.prototype.some.call(sort.options, function (o) { return o.value === wanted; })) {
     sort.value = wanted;
