@@ -12,14 +12,15 @@ counts). ``filter --dedup DEDUP`` rejects every sample with a ``duplicate_of``.
 Two passes (docs/design.md section 13):
 
 1. Per shard, a ``HashJob`` (on either engine): each sample is decoded as ``score`` decodes it
-   (same statuses), its image bytes hashed with SHA-256, and its pixels with three 256-bit
-   perceptual hashes (pHash, ``imagehash``: the signs of the 16x16 lowest frequencies of the
-   DCT of a 64x64 grey copy) of the whole picture and of its centre 90 % and 80 %, so that a
-   copy cropped by up to a tenth a side meets the original's centre. Kept in
-   DEDUP/.hashes/<shard>.parquet, reused while the shard's size and mtime are unchanged.
+   (same statuses), its image bytes hashed with SHA-256, and its pixels with a fingerprint
+   (``fingerprint``): per view (the whole picture and eleven crops of it, ``VIEWS``), a 256-bit
+   perceptual hash (pHash, ``imagehash``: the signs of the 16x16 lowest frequencies of the DCT
+   of a 64x64 grey copy) and a 4x4 grid of mean colours, so that a copy cropped on any side
+   meets one of the original's views. Kept in DEDUP/.hashes/<shard>.parquet, reused while the
+   shard's size and mtime are unchanged.
 2. The grouping, here, over every ok sample of the pool: ``exact`` groups equal SHA-256s;
-   ``near`` links two samples whose hashes (whole against whole, whole against centre) agree
-   in at least ``near_similarity`` of their 256 bits; ``semantic`` (opt-in) links two whose
+   ``near`` links two samples whose hashes (the whole of one against the whole or a view of the
+   other) agree in at least ``near_similarity`` of their 256 bits, with colours alike; ``semantic`` (opt-in) links two whose
    stored image embeddings have a cosine of at least ``semantic_threshold``. Links are searched
    within clusters (k-means, at most ``CLUSTER_SIZE`` samples on average; one cluster, that is
    every pair, for a pool that small), as SemDeDup does; a group is a connected component of
@@ -55,13 +56,30 @@ KINDS = ("exact", "near", "semantic")
 HASH_BITS = 256
 # The centre crops hashed beside the whole picture: a copy cropped by up to (1 - c) / 2 a side
 # is compared with the original's centre c.
-CENTRES = (0.92, 0.86, 0.8)
+# The views hashed beside the whole picture, as (left, top, right, bottom) fractions of it: its
+# centre 92, 86 and 80 % (a copy cropped by 4 to 10 % on every side is, whole, one of them), and
+# the picture less 7 % on one side or on two adjacent ones (a copy cropped on one side or at a
+# corner). The whole of each picture is compared with every view of the other.
+EDGE = 0.07
+VIEWS = (
+    *((m, m, 1 - m, 1 - m) for m in (0.04, 0.07, 0.10)),
+    (EDGE, 0, 1, 1),
+    (0, 0, 1 - EDGE, 1),
+    (0, EDGE, 1, 1),
+    (0, 0, 1, 1 - EDGE),
+    (EDGE, EDGE, 1, 1),
+    (0, EDGE, 1 - EDGE, 1),
+    (EDGE, 0, 1, 1 - EDGE),
+    (0, 0, 1 - EDGE, 1 - EDGE),
+)
 # A picture's colours, beside its grey hash: the mean colour of each cell of a 4 x 4 grid, per
 # view. pHash sees grey levels only, so a green and a blue disc on one background hash alike;
 # copies stay within an RMS difference of 5 (of 255) of their original's colours, pictures that
 # differ in an object's colour are 19 and more apart (pipelines/benchmark_dedup.py).
 COLOUR_GRID = 4
 NEAR_COLOUR_RMS = 10.0
+# A view whose cells' channels all lie within this of each other has no colour to compare.
+GREY_SPREAD = 12.0
 HASH_BYTES = HASH_BITS // 8
 # Average samples a cluster when links are searched within clusters: the cost per sample grows
 # with it (every pair within a cluster is compared), recall falls as it shrinks.
@@ -96,17 +114,14 @@ _HASH_SCHEMA = pa.schema(
 
 
 def fingerprint(image) -> bytes:
-    """A decoded picture's near-duplicate fingerprint: per view (the whole, then each centre of
-    ``CENTRES``) its 256-bit pHash, packed (32 bytes), then its ``COLOUR_GRID`` x ``COLOUR_GRID``
-    mean colours (48 bytes)."""
+    """A decoded picture's near-duplicate fingerprint: per view (the whole, then each of ``VIEWS``)
+    its 256-bit pHash, packed (32 bytes), then its ``COLOUR_GRID`` x ``COLOUR_GRID`` mean colours
+    (48 bytes)."""
     import imagehash
     from PIL import Image
 
     w, h = image.size
-    views = [image]
-    for c in CENTRES:
-        m = (1 - c) / 2
-        views.append(image.crop((round(w * m), round(h * m), round(w * (1 - m)), round(h * (1 - m)))))
+    views = [image, *(image.crop((round(w * a), round(h * b), round(w * c), round(h * d))) for a, b, c, d in VIEWS)]
     parts = []
     for v in views:
         parts.append(np.packbits(imagehash.phash(v, hash_size=16).hash.ravel()).tobytes())
@@ -477,7 +492,7 @@ class _Pool:
 @dataclass
 class Prints:
     """Fingerprints of pool rows as stored (``fingerprint``: uint8 of shape (rows, views, 80)),
-    unpacked only for the rows being compared, so that the pool's costs 320 bytes a sample."""
+    unpacked only for the rows being compared, so that the pool costs 960 bytes a sample."""
 
     rows: np.ndarray
     raw: np.ndarray
@@ -495,25 +510,33 @@ class Prints:
         """The hash bits of view ``view`` of rows ``idx`` as +-1 (float32, (len(idx), 256))."""
         return np.unpackbits(self.raw[idx, view, :HASH_BYTES], axis=1).astype(np.float32) * 2 - 1
 
-    def features(self, idx) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def features(self, idx) -> tuple[np.ndarray, ...]:
         """Rows ``idx`` (positions in ``rows``) unpacked for ``similarity``: hash bits as +-1
-        (float32, (len, views, 256)), colours (float32, (len, views, 48)) and their squared norms."""
+        (float32, (len, views, 256)); per view, the colour grid (48 values) and its grey levels
+        (16), each with its squared norm; and whether the view has no colour (a grey picture)."""
         signs = np.unpackbits(self.raw[idx, :, :HASH_BYTES], axis=2).astype(np.float32) * 2 - 1
-        colours = self.raw[idx, :, HASH_BYTES:].astype(np.float32)
-        return signs, colours, (colours**2).sum(2)
+        cells = self.raw[idx, :, HASH_BYTES:].astype(np.float32).reshape(len(signs), self.views, -1, 3)
+        grey = cells @ np.array([0.299, 0.587, 0.114], np.float32)
+        colourless = (cells.max(axis=3) - cells.min(axis=3)).max(axis=2) <= GREY_SPREAD
+        colours = cells.reshape(len(signs), self.views, -1)
+        return signs, colours, (colours**2).sum(2), grey, (grey**2).sum(2), colourless
 
     @staticmethod
     def similarity(fa, fb) -> np.ndarray:
         """Share of agreeing hash bits between the rows of ``features`` ``fa`` and those of ``fb``:
-        the best over the view pairs (whole against whole, whole of one against a centre of the
-        other) whose colours are within ``NEAR_COLOUR_RMS``; 0 where none is."""
-        (sa, ca, na), (sb, cb, nb) = fa, fb
+        the best over the view pairs (whole against whole, whole of one against a view of the
+        other) whose colours are within ``NEAR_COLOUR_RMS`` (their grey levels, where either view
+        has no colour: a grey copy of a colour picture); 0 where none is."""
+        sa, ca, na, ga, gna, za = fa
+        sb, cb, nb, gb, gnb, zb = fb
         best = np.zeros((len(sa), len(sb)), np.float32)
         views = sa.shape[1]
-        limit = NEAR_COLOUR_RMS**2 * ca.shape[2]
         for u, v in [(0, 0)] + [(0, k) for k in range(1, views)] + [(k, 0) for k in range(1, views)]:
             agree = (sa[:, u] @ sb[:, v].T / HASH_BITS + 1) / 2
-            agree[na[:, u, None] + nb[None, :, v] - 2 * ca[:, u] @ cb[:, v].T > limit] = 0
+            rgb = (na[:, u, None] + nb[None, :, v] - 2 * ca[:, u] @ cb[:, v].T) / ca.shape[2]
+            grey = (gna[:, u, None] + gnb[None, :, v] - 2 * ga[:, u] @ gb[:, v].T) / ga.shape[2]
+            apart = np.where(za[:, u, None] | zb[None, :, v], grey, rgb) > NEAR_COLOUR_RMS**2
+            agree[apart] = 0
             np.maximum(best, agree, out=best)
         return best
 

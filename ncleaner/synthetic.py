@@ -381,13 +381,13 @@ def write_synthetic_shards(
 
 # How write_shards_with_duplicates makes a copy of a picture: what a crawl finds again under
 # another URL (the same file, saved again, scaled, cropped at the borders).
-COPY_EDITS = ("exact", "reencode", "resize", "crop")
+COPY_EDITS = ("exact", "reencode", "resize", "crop", "crop_side", "grey")
 
 
 def copy_of(jpeg: bytes, edit: str, rng: np.random.Generator) -> bytes:
     """A copy of the picture in ``jpeg`` made by ``edit`` (``COPY_EDITS``), as JPEG bytes: the same
-    bytes, saved again at quality 50-80, scaled to 50-80 % of its side, or cropped by 4-10 % of
-    each side."""
+    bytes, saved again at quality 50-80, scaled to 50-80 % of its side, cropped by 4-10 % of each
+    side, cropped by 4-10 % of one side or two adjacent ones, or made grey."""
     if edit == "exact":
         return jpeg
     image = Image.open(io.BytesIO(jpeg)).convert("RGB")
@@ -401,6 +401,17 @@ def copy_of(jpeg: bytes, edit: str, rng: np.random.Generator) -> bytes:
         m = rng.uniform(0.04, 0.10)
         w, h = image.size
         image = image.crop((round(w * m), round(h * m), round(w * (1 - m)), round(h * (1 - m))))
+    elif edit == "crop_side":
+        m = rng.uniform(0.04, 0.10)
+        w, h = image.size
+        sides = [rng.random() < 0.5 for _ in range(2)]  # which edge of x, of y; the second axis maybe untouched
+        x = (round(w * m), 0, w, h) if sides[0] else (0, 0, round(w * (1 - m)), h)
+        box = list(x)
+        if rng.random() < 0.5:  # two adjacent sides: a corner
+            box[1], box[3] = (round(h * m), h) if sides[1] else (0, round(h * (1 - m)))
+        image = image.crop(tuple(box))
+    elif edit == "grey":
+        image = image.convert("L").convert("RGB")
     else:
         raise ValueError(f"unknown edit {edit!r} (one of {', '.join(COPY_EDITS)})")
     buf = io.BytesIO()

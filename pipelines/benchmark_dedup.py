@@ -29,7 +29,7 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ncleaner.config import DEFAULT_NEAR_SIMILARITY  # noqa: E402
-from ncleaner.dedup import CLUSTER_SIZE, Prints, dedup, linked_in_clusters  # noqa: E402
+from ncleaner.dedup import CLUSTER_SIZE, VIEWS, Prints, dedup, linked_in_clusters  # noqa: E402
 from ncleaner.engine import RunOptions  # noqa: E402
 from ncleaner.synthetic import COPY_EDITS, make_generator, write_shards_with_duplicates  # noqa: E402
 
@@ -86,14 +86,15 @@ def family_rows(family: str, args, work: Path) -> list[dict]:
 
 
 def cost_rows(sizes: list[int], seed: int) -> list[dict]:
-    """The link search alone on generated fingerprints (4 views): seconds, and per sample."""
+    """The link search alone on generated fingerprints (every view): seconds, and per sample."""
     rng = np.random.default_rng(seed)
     rows = []
     for n in sizes:
         # Random whole views; each centre view agrees with its whole in about 80 % of the bits and
         # colours, as a picture's own views do (not independent: those would land in four clusters).
-        raw = np.repeat(rng.integers(0, 256, size=(n, 1, 80), dtype=np.uint8), 4, axis=1)
-        flips = np.packbits(rng.random((n, 3, 256)) < 0.2, axis=2)
+        views = 1 + len(VIEWS)
+        raw = np.repeat(rng.integers(0, 256, size=(n, 1, 80), dtype=np.uint8), views, axis=1)
+        flips = np.packbits(rng.random((n, views - 1, 256)) < 0.2, axis=2)
         raw[:, 1:, :32] ^= flips
         prints = Prints(np.arange(n), raw)
         start = time.perf_counter()
@@ -119,13 +120,14 @@ def table(results: list[dict], costs: list[dict], args) -> str:
         f"`python pipelines/benchmark_dedup.py{' --quick' if args.quick else ''}` on {platform.machine()}, "
         f"{len(__import__('os').sched_getaffinity(0))} cores: {args.distinct} distinct generated pictures a family "
         f"(64 x 64 px JPEG) with {args.copies} planted copies ({', '.join(COPY_EDITS)}: same bytes; saved again at "
-        "quality 50-80; scaled to 50-80 %; cropped by 4-10 % a side). Recall: copies grouped with their original. "
+        "quality 50-80; scaled to 50-80 %; cropped by 4-10 % on every side; on one or two adjacent sides; made "
+        "grey). Recall: copies grouped with their original. "
         "Wrong: samples marked as duplicates of another picture. Default near_similarity "
         f"{DEFAULT_NEAR_SIMILARITY}, chosen on {' and '.join(TUNED)}; {' and '.join(HELD_OUT)} are held out.",
         "",
-        "| family | near_similarity | cluster size | recall | exact | reencode | resize | crop | marked | wrong "
+        "| family | near_similarity | cluster size | recall | " + " | ".join(COPY_EDITS) + " | marked | wrong "
         "| precision | s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|" + "---|" * len(COPY_EDITS) + "---|---|---|---|",
     ]
     for r in results:
         name = r["family"] + ("" if r["tuned_on"] else " (held out)")
@@ -139,8 +141,8 @@ def table(results: list[dict], costs: list[dict], args) -> str:
         "",
         "Link search (the grouping's cost) on generated fingerprints (random wholes, centre views 80 % like "
         "their whole): every pair within k-means clusters of "
-        f"{CLUSTER_SIZE} samples on average (each sample in the clusters of its four views), so once the pool "
-        f"holds two clusters it grows as n x {CLUSTER_SIZE} x (up to 4), not as n squared.",
+        f"{CLUSTER_SIZE} samples on average (each sample in the clusters of its {1 + len(VIEWS)} views), so once the "
+        f"pool holds two clusters it grows as n x {CLUSTER_SIZE} x (views it spreads over), not as n squared.",
         "",
         "| samples | clusters | seconds | us a sample |",
         "|---|---|---|---|",

@@ -45,7 +45,7 @@ def _source(truth: dict, key: str) -> str:
 
 def test_every_planted_copy_is_grouped_with_its_original_and_nothing_else_is(planted, deduped):
     pool, truth = planted
-    assert {edit for _, edit in truth.values()} == {"exact", "reencode", "resize", "crop"}
+    assert {"exact", "reencode", "resize", "crop"} <= {edit for _, edit in truth.values()}
     rows = _rows(deduped)
     assert len(rows) == 52 and sorted(p.name for p in deduped.glob("*.parquet")) == [
         "00000.parquet",
@@ -204,5 +204,5 @@ def test_the_dedup_benchmark_runs_at_ci_size():
     rows = [line.split("|") for line in done.stdout.splitlines() if line.startswith(("| scenes", "| hard"))]
     assert len(rows) == 4
     for cells in rows:
-        recall, wrong = float(cells[4]), int(cells[10])
+        recall, wrong = float(cells[4]), int(cells[-4])
         assert recall >= 0.95 and wrong == 0, cells
