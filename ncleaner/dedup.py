@@ -20,8 +20,9 @@ Two passes (docs/design.md section 13):
    shard's size and mtime are unchanged.
 2. The grouping, here, over every ok sample of the pool: ``exact`` groups equal SHA-256s;
    ``near`` links two samples whose hashes (the whole of one against the whole or a view of the
-   other) agree in at least ``near_similarity`` of their 256 bits, with colours alike; ``semantic`` (opt-in) links two whose
-   stored image embeddings have a cosine of at least ``semantic_threshold``. Links are searched
+   other) agree in at least ``near_similarity`` of their 256 bits, with colours alike;
+   ``semantic`` (opt-in) links two whose stored image embeddings have a cosine of at least
+   ``semantic_threshold``. Links are searched
    within clusters (k-means, at most ``CLUSTER_SIZE`` samples on average; one cluster, that is
    every pair, for a pool that small), as SemDeDup does; a group is a connected component of
    the links. Its representative is the sample with the highest ``score`` of ``report`` when
