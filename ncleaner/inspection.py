@@ -610,10 +610,11 @@ def _slider(pool: pd.DataFrame, column: str, cut: float, noisy, noisy_total: int
         "exact": exact,
         "sampled": len(picked),
         "cut": None if math.isnan(cut) else cut,
-        "sorted_values": json.dumps([round(float(v), 6) for v in values[picked]]),
+        # Exact, not rounded: the page's count at a cut must be the one filter keeps at that threshold.
+        "sorted_values": json.dumps([float(v) for v in values[picked]]),
         "sorted_keys": json.dumps([str(k) for k in pool["key"].to_numpy()[picked]]),
         "noisy_n": int(noisy[rows].sum()) if noisy is not None else 0,
-        "noisy_values": json.dumps([round(float(v), 6) for v in noisy_values]),
+        "noisy_values": json.dumps([float(v) for v in noisy_values]),
         "noisy_total": noisy_total,
         "command": command,
     }

@@ -116,6 +116,8 @@ def test_page_runs_cleanly_with_every_card_and_the_histogram(chromium, sample_pa
     assert by_gallery == {"lowest": 12, "below": 12, "above": 12, "kept": 12, "not_ok": 2}
     assert not any("hidden" in c for c in dom.cards) and dom.root["data-shown"] == str(len(dom.cards))
     assert "svg" in dom.tags and dom.tags.count("rect") > 10 and "polyline" in dom.tags
+    # The slider starts at the rule's cut and counts exactly what the rule keeps.
+    assert dom.root["data-cut-kept"] == str(sample_page.kept)
 
 
 def test_text_filter_from_the_url_hides_cards_and_selection_lists_keys(chromium, sample_page, tmp_path):
@@ -149,4 +151,4 @@ def test_the_cut_slider_recounts_and_writes_the_filter_command(chromium, sample_
     # Every value of a pool this small is on the page: the count is exact.
     assert dom.root["data-cut-kept"] == str(int((scores >= cut).sum()))
     command = dom.root["data-cut-command"]
-    assert command.startswith("ncleaner filter ") and f"--column score --threshold {float(f'{cut:.6g}'):g}" in command
+    assert command.startswith("ncleaner filter ") and f"--column score --threshold {cut!r}" in command

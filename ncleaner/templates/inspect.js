@@ -222,8 +222,8 @@
     var noisyTotal = Number(slider.getAttribute("data-noisy-total"));
     var about = slider.getAttribute("data-exact") === "1" ? "" : "about ";
     var kept = scaled(countAtLeast(values, t), values.length, n);
-    var text = (cut.toPrecision(6) * 1).toString();
-    document.getElementById("cut-value").textContent = slider.getAttribute("data-column") + " >= " + text;
+    document.getElementById("cut-value").textContent =
+      slider.getAttribute("data-column") + " >= " + (cut.toPrecision(6) * 1).toString();
     var line = about + kept + " of " + n + " pairs kept (" + (n ? ((100 * kept) / n).toFixed(1) : "0.0") + "%), " +
       (n - kept) + " rejected";
     if (noisyTotal) {
@@ -235,10 +235,12 @@
     var first = values.length - countAtLeast(values, t);
     var near = [];
     for (var i = Math.max(0, first - 3); i < Math.min(values.length, first + 3); i++) {
-      near.push(keysAt[i] + " (" + values[i] + (i < first ? ", rejected" : ", kept") + ")");
+      near.push(keysAt[i] + " (" + values[i].toPrecision(6) * 1 + (i < first ? ", rejected" : ", kept") + ")");
     }
     document.getElementById("cut-nearest").textContent = near.length ? "nearest the cut: " + near.join(", ") : "";
-    document.getElementById("cut-command").value = slider.getAttribute("data-command").replace("THRESHOLD", text);
+    // The threshold exactly as counted (the shortest text that reads back as it), so that filter
+    // keeps the very pairs counted here.
+    document.getElementById("cut-command").value = slider.getAttribute("data-command").replace("THRESHOLD", String(t));
     root.setAttribute("data-cut-kept", String(kept));
     root.setAttribute("data-cut-command", document.getElementById("cut-command").value);
   }
