@@ -49,7 +49,7 @@ from .config import DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_NEAR_SIMILARITY
 from .engine import DEFAULT_RUN, RunOptions, ShardJob, ShardTally, check_on_bad_shard, run_shard_jobs
 from .errors import NcleanerError, UnreadableShard, first_line
 from .shards import expand_shards, image_member, read_shard, shard_fingerprint, shard_names
-from .writer import atomic_write, output_error, remove_stale_partials, write_json
+from .writer import atomic_write, output_error, read_parquet_record, remove_stale_partials, with_record, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -166,16 +166,16 @@ class HashJob(ShardJob):
         if reader.damage:
             # The cut may have taken members of any sample read: none of them is grouped.
             rows["status"] = [schema.TRUNCATED_SHARD] * len(rows["key"])
-        table = pa.table(rows, schema=_HASH_SCHEMA).replace_schema_metadata({b"ncleaner": json.dumps(made).encode()})
+        table = with_record(pa.table(rows, schema=_HASH_SCHEMA), made)
         atomic_write(path, lambda tmp: pq.write_table(table, tmp))
         return {"shard": url, "statuses": dict(Counter(rows["status"])), "damage": reader.damage}
 
 
 def _made(path: Path) -> dict | None:
+    """What a hash part records it was made from; None for a damaged one, which is hashed again."""
     try:
-        meta = pq.read_schema(path).metadata or {}
-        return json.loads(meta.get(b"ncleaner", b"null"))
-    except Exception:  # a damaged part is hashed again
+        return read_parquet_record(path)
+    except NcleanerError:
         return None
 
 
@@ -304,8 +304,9 @@ def _open_store(embeddings):
     return EmbeddingStore.open(embeddings, info, create=False)
 
 
-def _report_scores(report: Path, urls: list[str], names: list[str]) -> dict[str, np.ndarray]:
-    """Per shard, its report rows' ``score`` (NaN where none), to pick representatives by."""
+def _report_scores(report: Path, urls: list[str], names: list[str]) -> dict[str, tuple[list[str], np.ndarray]]:
+    """Per shard, its report rows' keys and ``score`` (-inf where none, so that an unscored sample
+    ranks last), to pick representatives by."""
     scores = {}
     for url, name in zip(urls, names, strict=True):
         part, marker = schema.report_paths(report, name)
@@ -359,8 +360,9 @@ class _Pool:
         self.ok = np.array([s == schema.OK for s in self.statuses], dtype=bool)
         self.sha256 = [v for _, _, t in parts for v in t.column("image_sha256").to_pylist()]
         self.score = np.full(self.n, -np.inf)
-        # The rows semantic links read an image embedding for (ascending), and those embeddings.
-        self.embedded: tuple[np.ndarray, np.ndarray] = (np.zeros(0, np.int64), np.zeros((0, 0), np.float16))
+        # Per pool row, the position of its image embedding in ``embeddings`` (-1: none read).
+        self.embedded_at = np.full(self.n, -1, np.int64)
+        self.embeddings = np.zeros((0, 0), np.float16)
         self._prints: Prints | None = None
         start = 0
         for url, _, t in parts:
@@ -421,7 +423,7 @@ class _Pool:
         i, j, s = linked_in_clusters(
             len(x), rows_of, lambda idx: (rows_of(0, idx),), lambda a, b: a[0] @ b[0].T, threshold, cluster_size
         )
-        self.embedded = (rows, x)
+        self.embedded_at[rows], self.embeddings = np.arange(len(rows)), x
         return rows[i], rows[j], s
 
     def groups(self, links: _Links) -> _Groups:
@@ -439,7 +441,6 @@ class _Pool:
         similarity = np.full(self.n, np.nan, np.float32)
         grouped = sorted((r, c) for c, r in rep_of_component.items() if sizes[c] > 1)
         numbers = {c: g for g, (_, c) in enumerate(grouped)}
-        position = None
         for r in np.flatnonzero(sizes[every] > 1).tolist():
             p = rep_of_component[every[r]]
             rep[r], number[r] = p, numbers[every[r]]
@@ -449,17 +450,15 @@ class _Pool:
                 kind[r], similarity[r] = "exact", 1.0
             elif exact_near[r] == exact_near[p]:
                 prints = self.prints()
-                if position is None:
-                    position = {row: k for k, row in enumerate(prints.rows.tolist())}
                 kind[r] = "near"
-                pair = [prints.features([position[q]]) for q in (r, p)]
+                # Both are ok rows, so in ``prints.rows`` (ascending): found by binary search.
+                pair = [prints.features(np.searchsorted(prints.rows, [q])) for q in (r, p)]
                 similarity[r] = prints.similarity(*pair)[0, 0]
             else:
                 kind[r] = "semantic"
-                rows, x = self.embedded
-                at = np.searchsorted(rows, [r, p])
-                if (at < len(rows)).all() and (rows[np.minimum(at, len(rows) - 1)] == [r, p]).all():
-                    similarity[r] = float(x[at[0]].astype(np.float32) @ x[at[1]].astype(np.float32))
+                a, b = self.embedded_at[r], self.embedded_at[p]
+                if a >= 0 and b >= 0:
+                    similarity[r] = float(self.embeddings[a].astype(np.float32) @ self.embeddings[b].astype(np.float32))
         return _Groups(rep, number, kind, similarity, len(grouped))
 
     def parts(self, groups: _Groups) -> Iterable[pa.Table]:

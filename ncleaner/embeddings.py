@@ -60,7 +60,16 @@ from .shards import (
     shard_fingerprint,
     shard_names,
 )
-from .writer import atomic_write, output_error, remove_stale_partials, write_json, write_npy
+from .writer import (
+    atomic_write,
+    output_error,
+    parquet_record,
+    read_parquet_record,
+    remove_stale_partials,
+    with_record,
+    write_json,
+    write_npy,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -260,7 +269,7 @@ class EmbeddingStore:
         }
         for kind, rows in (("skipped", ~ok), ("meta", ok)):
             table = _metadata_table(features, rows)
-            table = table.replace_schema_metadata({b"ncleaner": json.dumps(made).encode()})
+            table = with_record(table, made)
             atomic_write(paths[kind], lambda tmp, t=table: pq.write_table(t, tmp))
 
     def read(self, name: str, url: str, shard_index: int, *, max_pixels: int) -> ShardFeatures:
@@ -335,7 +344,7 @@ class EmbeddingStore:
         does). A local shard whose size and modification time are those recorded when the part
         was written is taken on trust; any other is read and checked as ``read`` checks it."""
         if not self.foreign:
-            info = _part_info(self._paths(name)["meta"])
+            info = read_parquet_record(self._paths(name)["meta"])
             same_rule = info.get("max_image_pixels") == max_pixels
             if same_rule and info.get("fingerprint") is not None and info["fingerprint"] == shard_fingerprint(url):
                 return None
@@ -399,7 +408,7 @@ class EmbeddingStore:
         paths = self._paths(name)
         try:
             meta = _read_parquet(paths["meta"])
-            info = _recorded(meta.schema.metadata, paths["meta"])
+            info = parquet_record(meta.schema.metadata, paths["meta"])
             skipped = _read_parquet(paths["skipped"]) if paths["skipped"].is_file() else None
             img, txt = (_load_npy(paths[side], self.identity["dim"]) for side in ("img", "txt"))
         except NcleanerError as exc:
@@ -508,27 +517,6 @@ def _check_identity(path: Path, info: dict, identity: dict) -> None:
             f"{path}: embeddings of {info.get('backbone')} with weights {info.get('pretrained')} ({theirs_short}), "
             f"but this run uses {identity.get('pretrained')} ({mine_short})"
         )
-
-
-def _recorded(metadata: dict | None, path: Path) -> dict:
-    """What ``EmbeddingStore.write`` recorded in a part's Parquet metadata (empty for an older part)."""
-    raw = (metadata or {}).get(b"ncleaner")
-    try:
-        info = json.loads(raw) if raw else {}
-    except ValueError as exc:
-        raise NcleanerError(f"{path}: its ncleaner metadata is not JSON: {first_line(exc)}") from exc
-    if not isinstance(info, dict):
-        raise NcleanerError(f"{path}: its ncleaner metadata is not a JSON object")
-    return info
-
-
-def _part_info(path: Path) -> dict:
-    """``_recorded`` of the part at ``path``, from its footer alone (no rows are read)."""
-    try:
-        metadata = pq.read_schema(path).metadata
-    except Exception as exc:
-        raise NcleanerError(f"{path}: cannot read: {first_line(exc)}") from exc
-    return _recorded(metadata, path)
 
 
 def rows_digest(keys: list[str], sha1s: list[str | None], img: np.ndarray, txt: np.ndarray) -> str:

@@ -33,14 +33,13 @@ from .rules import (
     KEPT_BY_OVERRIDE,
     NOT_LISTED,
     OVERRIDE,
-    ROUTE_COLUMNS,
     OverridePlan,
     ScoredSamples,
+    add_listed_uids,
     is_kept,
-    listed_rows,
     load_shard_reports,
     make_rule,
-    read_uid_list,
+    part_paths,
     report_model_ids,
     resolve_overrides,
     route,
@@ -48,7 +47,7 @@ from .rules import (
     uid_value,
     unscored_reports,
 )
-from .schema import SCORE_COLUMNS, UIDS_RULE, Rule, report_paths
+from .schema import SCORE_COLUMNS, UIDS_RULE, Rule
 from .shards import expand_shards, read_shard, shard_names
 from .writer import (
     MANIFEST,
@@ -227,11 +226,7 @@ def filter_shards(
         )
         stages = [kept_stage.path, rejected_stage.path if rejected_stage is not None else None]
         todo = [url for url in urls if url not in skipped]
-        if report_dir is None:
-            sources = {url: reports[url] for url in todo}
-        else:
-            names = dict(zip(urls, shard_names(urls), strict=True))
-            sources = {url: str(report_paths(report_dir, names[url])[0]) for url in todo}
+        sources = {url: reports[url] for url in todo} if report_dir is None else part_paths(report_dir, todo)
         if run.on_ray:
             routed, (kept_paths, rejected_paths) = _route_on_ray(
                 todo, sources, outcomes, stages, maxcount=maxcount, run=run
@@ -284,10 +279,11 @@ def _by_uids_alone(urls, keep_uids, on_bad_shard: str, *, others: dict):
         raise NcleanerError(f"{given[0]}: needs --report (with no report, --keep-uids is the whole rule)")
     reports, skipped = unscored_reports(urls, on_bad_shard=on_bad_shard)
     plan = OverridePlan(keep_uids=str(keep_uids))
-    listed, plan.uids_not_found["keep"] = listed_rows(reports, read_uid_list(keep_uids))
-    if plan.uids_not_found["keep"]:
-        logger.warning("%s: %d uid(s) match no sample of the pool", keep_uids, plan.uids_not_found["keep"])
-    outcomes = {url: [KEPT if i in listed[url] else NOT_LISTED for i in range(len(r))] for url, r in reports.items()}
+    add_listed_uids(plan, reports, "keep", keep_uids)
+    listed = plan.keep
+    outcomes = {
+        url: [KEPT if i in listed.get(url, ()) else NOT_LISTED for i in range(len(r))] for url, r in reports.items()
+    }
     return reports, skipped, UIDS_RULE, plan, outcomes
 
 
@@ -386,10 +382,8 @@ def _route_on_ray(
         args = []
         for url in urls:
             pieces = [str(s / PIECES / f"{names[url]}.tar") if s is not None else None for s in stages]
-            source = sources[url]
-            if not isinstance(source, str):
-                source = source[[c for c in ROUTE_COLUMNS if c in source.columns]]
-            args.append((url, source, outcomes[url], pieces))
+            source = sources[url]  # a part's path is read by the task; rows are shipped projected
+            args.append((url, source if isinstance(source, str) else route_rows(source), outcomes[url], pieces))
         routes = tasks(_route_piece, args, labels=urls, progress=run.progress, desc="filtering on Ray")
         answers = dict(zip(urls, routes, strict=True))
         stitches = []

@@ -40,9 +40,20 @@ from . import __version__, schema
 from .config import DEFAULT_MAX_IMAGE_PIXELS
 from .dedup import load_groups
 from .errors import NcleanerError, UnreadableShard, first_line, printable
-from .rules import KEPT, WHERE_HOLDS, ScoredSamples, describe, is_kept, load_shard_reports, make_rule, route, route_rows
-from .schema import SCORE_COLUMNS, STATUSES, Rule, report_paths
-from .shards import RawSample, expand_shards, image_member, read_shard, shard_names
+from .rules import (
+    KEPT,
+    WHERE_HOLDS,
+    ScoredSamples,
+    describe,
+    is_kept,
+    load_shard_reports,
+    make_rule,
+    part_paths,
+    route,
+    route_rows,
+)
+from .schema import SCORE_COLUMNS, STATUSES, Rule
+from .shards import RawSample, expand_shards, image_member, read_shard
 from .writer import atomic_write, remove_stale_partials
 
 logger = logging.getLogger(__name__)
@@ -182,8 +193,7 @@ def inspect_report(
     if groups is not None:
         chosen["duplicates"] = _group_rows(pool, per_gallery)
         galleries.append(DUPLICATES_GALLERY)
-    names = dict(zip(urls, shard_names(urls), strict=True))
-    parts = {url: str(report_paths(Path(report_dir), names[url])[0]) for url in reports}
+    parts = part_paths(Path(report_dir), reports)
     thumbs, captions = _shown(pool, parts, sorted({i for rows in chosen.values() for i in rows}), thumb_px)
 
     # --auto's column, clean_prob, is nearly 0 or 1: the charts and the slider show the continuous

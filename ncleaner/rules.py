@@ -24,9 +24,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import schema
-from .errors import NcleanerError, first_line, printable
+from .engine import ShardTally
+from .errors import NcleanerError, UnreadableShard, first_line, printable
 from .schema import AUTO_RULE, SCORE_COLUMNS, Rule, failed_marker, report_paths
-from .shards import RawSample, image_member, is_local, read_text_fields, sha1_of, shard_names
+from .shards import RawSample, image_member, is_local, json_uid, read_shard, read_text_fields, sha1_of, shard_names
 
 logger = logging.getLogger(__name__)
 
@@ -197,11 +198,7 @@ def resolve_overrides(
     plan = OverridePlan(**{k: str(v) if v is not None else None for k, v in given.items()})
     for which, path in (("keep", keep_uids), ("reject", reject_uids)):
         if path is not None:
-            rows, plan.uids_not_found[which] = listed_rows(reports, read_uid_list(path))
-            for url, found in rows.items():
-                (plan.keep if which == "keep" else plan.reject).setdefault(url, set()).update(found)
-            if plan.uids_not_found[which]:
-                logger.warning("%s: %d uid(s) match no sample of the pool", path, plan.uids_not_found[which])
+            add_listed_uids(plan, reports, which, path)
     if keep_keys is None and reject_keys is None:
         return _checked(plan, reports)
     urls = list(reports)
@@ -303,6 +300,16 @@ def read_uid_list(path: str | Path) -> np.ndarray:
     else:
         raise NcleanerError(f"{path}: not a subset file: dtype {array.dtype}, shape {array.shape} (want u8,u8)")
     return np.unique(np.ascontiguousarray(pairs.ravel()).view("V16"))
+
+
+def add_listed_uids(plan: OverridePlan, reports: dict[str, pd.DataFrame], which: str, path: str | Path) -> None:
+    """Add to ``plan``'s ``which`` side (keep or reject) the rows whose uid the subset file at
+    ``path`` lists, and count (and warn about) its uids that match no sample."""
+    rows, plan.uids_not_found[which] = listed_rows(reports, read_uid_list(path))
+    for url, found in rows.items():
+        (plan.keep if which == "keep" else plan.reject).setdefault(url, set()).update(found)
+    if plan.uids_not_found[which]:
+        logger.warning("%s: %d uid(s) match no sample of the pool", path, plan.uids_not_found[which])
 
 
 def listed_rows(reports: dict[str, pd.DataFrame], listed: np.ndarray) -> tuple[dict[str, set[int]], int]:
@@ -468,10 +475,7 @@ def unscored_reports(urls: list[str], *, on_bad_shard: str = "fail") -> tuple[di
     """What ``filter --keep-uids`` with no report routes by: per shard, the rows a report would
     begin with (key, index, caption, image SHA-1, the reader's status, uid), read from the shard
     itself (nothing decoded), and the shards that cannot be read (``on_bad_shard``)."""
-    from .errors import UnreadableShard
-    from .shards import read_shard
-
-    reports, skipped = {}, {}
+    reports, tally = {}, ShardTally()
     for url in urls:
         rows = {"key": [], "index": [], "caption": [], "image_sha1": [], "status": [], "uid": []}
         reader = read_shard(url)
@@ -483,17 +487,14 @@ def unscored_reports(urls: list[str], *, on_bad_shard: str = "fail") -> tuple[di
                 rows["caption"].append(caption)
                 rows["image_sha1"].append(sha1_of(image_member(raw)))
                 rows["status"].append(raw.problem or text_status)
-                rows["uid"].append(meta.get("uid") if isinstance(meta.get("uid"), str) else None)
+                rows["uid"].append(json_uid(meta))
         except UnreadableShard as exc:
-            if on_bad_shard == "fail":
-                raise
-            logger.warning("skipped %s", exc)
-            skipped[url] = str(exc)
+            tally.count({"shard": url, "error": str(exc)}, on_bad_shard=on_bad_shard, log=logger)
             continue
         if reader.damage:
             rows["status"] = [schema.TRUNCATED_SHARD] * len(rows["key"])
         reports[url] = pd.DataFrame(rows)
-    return reports, skipped
+    return reports, tally.unreadable_shards
 
 
 def _warn_repeated_keys(reports: dict[str, pd.DataFrame]) -> None:
@@ -566,6 +567,13 @@ class ScoredSamples:
             f"{self.url}: sample {n} ({raw.key}) does not match its report row{detail}; the shard changed "
             "since it was scored (run ncleaner score --overwrite)"
         )
+
+
+def part_paths(report_dir: Path, urls: Iterable[str]) -> dict[str, str]:
+    """Per shard URL, the path of its part of the report at ``report_dir`` (what ``route_rows``
+    reads as each shard is routed or shown)."""
+    urls = list(urls)
+    return {url: str(report_paths(report_dir, name)[0]) for url, name in zip(urls, shard_names(urls), strict=True)}
 
 
 # The report columns ``filtering.route_shard`` reads, and ``inspect``'s cards.

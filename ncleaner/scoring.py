@@ -31,7 +31,7 @@ from .engine import DEFAULT_RUN, RunOptions, ShardJob, ShardTally, check_on_bad_
 from .errors import NcleanerError
 from .model import NcleanerModel
 from .schema import SCORE_COLUMNS, failed_marker, read_report_table, report_paths, report_schema
-from .shards import expand_shards, shard_names
+from .shards import expand_shards, json_uid, shard_names
 from .writer import atomic_write, output_error, remove_stale_partials, write_json
 
 logger = logging.getLogger(__name__)
@@ -285,7 +285,7 @@ def _report_table(
         "status": features.statuses,
         **{c: pa.array(v, mask=~ok) for c, v in scores.items()},
         "model_id": [model.model_id] * n,
-        "uid": [m.get("uid") if isinstance(m.get("uid"), str) else None for m in features.metas],
+        "uid": [json_uid(m) for m in features.metas],
         "width": [None if size is None else size[0] for size in features.sizes],
         "height": [None if size is None else size[1] for size in features.sizes],
         **caption_columns(features.captions),

@@ -415,6 +415,12 @@ def _open_remote(url: str):
     return gopen(url, "rb")
 
 
+def json_uid(meta: dict) -> str | None:
+    """The sample json's ``uid`` (DataComp's 128-bit hex id) when it is a string, else None."""
+    uid = meta.get("uid")
+    return uid if isinstance(uid, str) else None
+
+
 def shard_fingerprint(url: str) -> list[int] | None:
     """A local shard's size and modification time: what a part made from it (embeddings, dedup
     hashes) is trusted by without reading the shard again; None for a URL or ``pipe:`` spec,

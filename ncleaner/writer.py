@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterable
 from fnmatch import fnmatch
 from pathlib import Path
 
-from .errors import NcleanerError
+from .errors import NcleanerError, first_line
 from .shards import Entry, RawSample, is_local, member_name
 
 logger = logging.getLogger(__name__)
@@ -420,6 +420,39 @@ def _process_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+# The Parquet footer key under which ncleaner records what a part was made from.
+RECORD_KEY = b"ncleaner"
+
+
+def with_record(table, record: dict):
+    """``table`` (a pyarrow Table) with ``record`` in its Parquet metadata, as JSON."""
+    return table.replace_schema_metadata({RECORD_KEY: json.dumps(record).encode()})
+
+
+def parquet_record(metadata: dict | None, path: Path) -> dict:
+    """What ``with_record`` recorded, from a part's Parquet metadata (empty for a part without one);
+    one line naming ``path`` when it is not a JSON object."""
+    raw = (metadata or {}).get(RECORD_KEY)
+    try:
+        info = json.loads(raw) if raw else {}
+    except ValueError as exc:
+        raise NcleanerError(f"{path}: its ncleaner metadata is not JSON: {first_line(exc)}") from exc
+    if not isinstance(info, dict):
+        raise NcleanerError(f"{path}: its ncleaner metadata is not a JSON object")
+    return info
+
+
+def read_parquet_record(path: Path) -> dict:
+    """``parquet_record`` of the part at ``path``, from its footer alone (no rows are read)."""
+    import pyarrow.parquet as pq
+
+    try:
+        metadata = pq.read_schema(path).metadata
+    except Exception as exc:  # pyarrow raises several types for a file that is not Parquet
+        raise NcleanerError(f"{path}: cannot read: {first_line(exc)}") from exc
+    return parquet_record(metadata, path)
 
 
 def output_error(path: str | Path, exc: OSError) -> NcleanerError:
